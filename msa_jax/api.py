@@ -1,0 +1,77 @@
+"""The library entry point: load a converted msa_jax checkpoint (or a Hugging Face directory) and run it.
+
+    import msa_jax
+    model = msa_jax.load("/ckpt/tiny")
+    logits = model.logits([[1, 2, 3]])           # [1, 3, vocab]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax import config as cfglib
+from msa_jax.checkpoint import convert
+from msa_jax.checkpoint.errors import CheckpointError
+from msa_jax.data.tokenizer import Tokenizer
+from msa_jax.model.decoder import Qwen3Decoder
+from msa_jax.model.param_layout import to_model_layout
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model definition, its parameters (in the model's layout) and, when present, its tokenizer."""
+
+  model_config: cfglib.ModelConfig
+  msa_config: cfglib.MSAConfig
+  params: Any
+  tokenizer: Tokenizer | None = None
+
+  @property
+  def decoder(self) -> Qwen3Decoder:
+    return Qwen3Decoder(self.model_config, self.msa_config.router_layers)
+
+  def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    """Logits [B, S, V] of token ids [B, S]; `segment_ids` 0 marks padding (see Qwen3Decoder)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    return _forward(self.decoder, self.params, tokens, positions, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(decoder, params, tokens, positions, segment_ids):
+  return decoder.apply({"params": params}, tokens, positions, segment_ids)
+
+
+def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None = None,
+         scan_layers: bool | None = None, score_mode: str | None = None) -> LoadedModel:
+  """Loads an msa_jax checkpoint directory, or converts a Hugging Face directory in memory.
+
+  Overrides: `compute_dtype` (e.g. "float32" for parity checks), `param_dtype` (cast on load),
+  `scan_layers`, and `score_mode` (replacing the router score gating read from the checkpoint).
+  """
+  if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):
+    meta = convert.read_meta(path)
+    model_cfg, msa_cfg = cfglib.config_from_dict(meta)
+    params = convert.restore_tree(path)["params"]
+  elif os.path.exists(os.path.join(path, "config.json")):
+    model_cfg, msa_cfg, params, _, _ = convert.read_hf_params(path, param_dtype=param_dtype)
+  else:
+    raise CheckpointError(f"{path} is neither an msa_jax checkpoint ({convert.CONFIG_FILE}) nor a "
+                          f"Hugging Face directory (config.json)")
+  overrides = {k: v for k, v in dict(compute_dtype=compute_dtype, param_dtype=param_dtype,
+                                     scan_layers=scan_layers).items() if v is not None}
+  model_cfg = model_cfg.replace(**overrides)
+  if score_mode is not None:
+    msa_cfg = msa_cfg.replace(score_mode=score_mode)
+  dtype = jnp.dtype(model_cfg.param_dtype)
+  params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
+  params = to_model_layout(params, model_cfg, msa_cfg.router_layers)
+  tok_path = os.path.join(path, convert.TOKENIZER_FILE)
+  tokenizer = Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else None
+  return LoadedModel(model_cfg, msa_cfg, params, tokenizer)

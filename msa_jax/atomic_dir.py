@@ -1,0 +1,36 @@
+"""Write a directory completely or not at all: build it under a temporary sibling, rename at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool = False):
+  """Yields a fresh temporary directory that becomes `path` only if the block succeeds.
+
+  On any exception the temporary directory is removed and `path` is left as it was. An existing
+  `path` is an error unless `overwrite`, in which case it is replaced only after success.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"output {path} already exists (pass overwrite to replace it)")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(path):
+    old = f"{tmp}.old"
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, path)

@@ -1,0 +1,1 @@
+"""Tokenizer, synthetic tasks, dataset readers, grain pipelines and batch builders."""

@@ -1,0 +1,1 @@
+"""Generation: prompts, decoding, and (from the generation issue on) the engine and Memory Interleave."""
