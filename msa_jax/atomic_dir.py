@@ -16,7 +16,7 @@ def atomic_output_dir(path: str, overwrite: bool = False):
   `path` is an error unless `overwrite`, in which case it is replaced only after success.
   """
   path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
+  if os.path.lexists(path) and not overwrite:
     raise FileExistsError(f"output {path} already exists (pass overwrite to replace it)")
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
@@ -24,13 +24,25 @@ def atomic_output_dir(path: str, overwrite: bool = False):
   os.makedirs(tmp)
   try:
     yield tmp
+    if os.path.lexists(path):  # (a file or a link as well as a directory)
+      old = f"{tmp}.old"
+      os.rename(path, old)
+      try:
+        os.rename(tmp, path)
+      except BaseException:
+        os.rename(old, path)
+        raise
+      _remove(old)
+    else:
+      os.rename(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(path):
-    old = f"{tmp}.old"
-    os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
   else:
-    os.rename(tmp, path)
+    with contextlib.suppress(OSError):
+      os.remove(path)

@@ -53,3 +53,9 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def param_shardings(module: nn.Module, mesh: Mesh, *init_args, rules=LOGICAL_RULES):
+  """NamedShardings of `module`'s parameters (unboxed tree shape), from its logical axis names."""
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *init_args))["params"]
+  return logical_shardings(boxed, mesh, rules)

@@ -36,12 +36,27 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "generation_config.json", "vocab.json", "merges.txt")
 
 
-def read_hf_config(hf_dir: str) -> dict[str, Any]:
-  path = os.path.join(hf_dir, "config.json")
+def _load_json_object(path: str, what: str = "") -> dict[str, Any]:
   try:
-    return cfglib.load_config_json(path)
+    obj = cfglib.load_config_json(path)
   except cfglib.ConfigError as e:
-    raise CheckpointError(str(e)) from e
+    raise CheckpointError(f"{what}{e}") from e
+  except UnicodeDecodeError as e:  # binary garbage: not even text
+    raise CheckpointError(f"{what}corrupt JSON in {path}: not UTF-8 text ({e})") from e
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{what}{path} must hold a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  return _load_json_object(os.path.join(hf_dir, "config.json"))
+
+
+def _check_output(out_dir: str, overwrite: bool) -> None:
+  """Fails before any work when the output exists and may not be replaced."""
+  if os.path.lexists(out_dir) and not overwrite:
+    raise CheckpointError(f"output {os.path.abspath(out_dir)} already exists (pass overwrite=True / "
+                          f"--overwrite to replace it)")
 
 
 def _check_names(source: SafetensorsDir, specs, allow_missing_router: bool):
@@ -112,6 +127,9 @@ def hf_to_msa_jax(hf_dir: str, out_dir: str, *, score_mode: str | None = None,
                   param_dtype: str | None = None, seed: int = 0, overwrite: bool = False,
                   require_tokenizer: bool = True) -> str:
   """Converts an HF Qwen3 / MSA directory into an msa_jax checkpoint directory; returns its path."""
+  if not os.path.isdir(hf_dir):
+    raise CheckpointError(f"input directory does not exist: {hf_dir}")
+  _check_output(out_dir, overwrite)
   if require_tokenizer and not os.path.exists(os.path.join(hf_dir, TOKENIZER_FILE)):
     raise CheckpointError(f"{hf_dir} has no {TOKENIZER_FILE} (convert weights only with "
                           f"require_tokenizer=False / --norequire_tokenizer)")
@@ -131,14 +149,18 @@ def hf_to_msa_jax(hf_dir: str, out_dir: str, *, score_mode: str | None = None,
 
 
 def read_meta(ckpt_dir: str) -> dict[str, Any]:
+  """Reads and validates msa_jax_config.json (its configs parse with `cfglib.config_from_dict`)."""
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"msa_jax checkpoint directory does not exist: {ckpt_dir}")
   path = os.path.join(ckpt_dir, CONFIG_FILE)
-  try:
-    meta = cfglib.load_config_json(path)
-  except cfglib.ConfigError as e:
-    raise CheckpointError(f"{ckpt_dir} is not an msa_jax checkpoint: {e}") from e
+  meta = _load_json_object(path, what=f"{ckpt_dir} is not an msa_jax checkpoint: ")
   if meta.get("format_version") != FORMAT_VERSION:
     raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
                           f"(this msa_jax reads {FORMAT_VERSION})")
+  try:
+    cfglib.config_from_dict(meta)
+  except cfglib.ConfigError as e:
+    raise CheckpointError(f"{path}: {e}") from e
   return meta
 
 
@@ -148,9 +170,28 @@ def restore_tree(ckpt_dir: str, target=None):
   if not os.path.isdir(path):
     raise CheckpointError(f"{ckpt_dir} has no {PARAMS_DIR}/ directory")
   try:
-    return ocp.StandardCheckpointer().restore(path, target)
+    with ocp.StandardCheckpointer() as checkpointer:  # (closed even on failure)
+      return checkpointer.restore(path, target)
   except Exception as e:  # orbax raises many types for damaged checkpoints
     raise CheckpointError(f"cannot restore {path}: {type(e).__name__}: {e}") from e
+
+
+def _check_tree(ckpt_dir: str, params, specs) -> None:
+  """Every parameter the config implies is in the restored tree, with its shape; else one error."""
+  missing, wrong = [], []
+  for spec in specs:
+    name = "/".join(spec.path)
+    try:
+      leaf = get_path(params, spec.path)
+    except (KeyError, TypeError, IndexError):
+      missing.append(name)
+      continue
+    if tuple(np.shape(leaf)) != spec.shape:
+      wrong.append(f"{name} has shape {list(np.shape(leaf))}, expected {list(spec.shape)}")
+  problems = ([f"missing parameters ({len(missing)}): {missing}"] if missing else []) + wrong
+  if problems:
+    raise CheckpointError(f"{os.path.join(ckpt_dir, PARAMS_DIR)} does not match {CONFIG_FILE}: "
+                          + "; ".join(problems))
 
 
 def msa_jax_to_hf(ckpt_dir: str, out_dir: str, *, hf_format: str = "auto", overwrite: bool = False,
@@ -163,12 +204,18 @@ def msa_jax_to_hf(ckpt_dir: str, out_dir: str, *, hf_format: str = "auto", overw
   if hf_format not in ("auto", "qwen3", "msa"):
     raise CheckpointError(f"hf_format must be auto, qwen3 or msa, got {hf_format!r}")
   meta = read_meta(ckpt_dir)
+  _check_output(out_dir, overwrite)
   model_cfg, msa_cfg = cfglib.config_from_dict(meta)
   fmt = meta.get("hf_model_type", "msa") if hf_format == "auto" else hf_format
+  if fmt not in ("qwen3", "msa"):
+    raise CheckpointError(f"{os.path.join(ckpt_dir, CONFIG_FILE)}: unknown hf_model_type {fmt!r}")
   tree = restore_tree(ckpt_dir)
-  params = {k: v for k, v in tree["params"].items()}
+  params = tree.get("params") if isinstance(tree, dict) else None
+  if not isinstance(params, dict):
+    raise CheckpointError(f"{os.path.join(ckpt_dir, PARAMS_DIR)} holds no 'params' tree")
   routers = msa_cfg.router_layers if (fmt == "msa" and msa_cfg.decouple_router) else ()
   specs = tensor_specs(model_cfg, routers)
+  _check_tree(ckpt_dir, params, specs)
 
   def tensors():
     for spec in specs:

@@ -37,8 +37,12 @@ class SafetensorsDir:
       try:
         with open(index_path) as f:
           weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"corrupt shard index {index_path}: {e}") from e
+      except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"corrupt shard index {index_path}: {type(e).__name__}: {e}") from e
+      if not (isinstance(weight_map, dict)
+              and all(isinstance(f, str) for f in weight_map.values())):
+        raise CheckpointError(f"corrupt shard index {index_path}: weight_map must map tensor names "
+                              f"to shard file names, got {str(weight_map)[:200]}")
       self._file_of = dict(weight_map)
       missing = sorted({f for f in self._file_of.values()
                         if not os.path.exists(os.path.join(path, f))})

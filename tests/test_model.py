@@ -1,0 +1,160 @@
+"""The Flax Qwen3 backbone: building blocks against numpy oracles, parameter metadata, layouts, remat."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msa_jax import config as cfglib
+from msa_jax.model.attention import grouped_attention
+from msa_jax.model.decoder import Qwen3Decoder, layer_blocks
+from msa_jax.model.layers import RMSNorm
+from msa_jax.model.param_layout import stack_layers, unstack_layers
+from msa_jax.model.rope import apply_rope
+from msa_jax.sharding import LOGICAL_RULES
+
+
+def _tiny(**overrides):
+  model_cfg, msa_cfg = cfglib.preset("tiny")
+  return model_cfg.replace(compute_dtype="float32", **overrides), msa_cfg
+
+
+def _init(model_cfg, msa_cfg, tokens):
+  decoder = Qwen3Decoder(model_cfg, msa_cfg.router_layers)
+  return decoder, nn.unbox(jax.jit(decoder.init)(jax.random.key(0), tokens)["params"])
+
+
+def _apply(decoder, params, *args):
+  return jax.jit(decoder.apply)({"params": params}, *args)
+
+
+def test_rope_matches_pairwise_rotation_oracle():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+  pos = np.array([[0, 1, 2, 100, 7], [19, 20, 21, 0, 5000]], np.int32)
+  theta = 10_000.0
+  got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), theta))
+  want = np.empty_like(x)
+  half = 4
+  for i in range(half):  # HF rotate-half pairs dim i with dim i + D/2
+    ang = pos[..., None].astype(np.float64) * theta ** (-2 * i / 8)
+    c, s = np.cos(ang), np.sin(ang)
+    want[..., i] = x[..., i] * c - x[..., i + half] * s
+    want[..., i + half] = x[..., i + half] * c + x[..., i] * s
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_rmsnorm_matches_oracle():
+  x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+  norm = RMSNorm(1e-6, "float32")
+  params = {"params": {"scale": jnp.linspace(0.5, 1.5, 16)}}
+  got = np.asarray(norm.apply(params, jnp.asarray(x)))
+  want = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * np.linspace(0.5, 1.5, 16)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_attention_matches_repeat_kv_oracle():
+  rng = np.random.default_rng(2)
+  q = rng.standard_normal((2, 6, 4, 8)).astype(np.float32)
+  k = rng.standard_normal((2, 6, 2, 8)).astype(np.float32)
+  v = rng.standard_normal((2, 6, 2, 8)).astype(np.float32)
+  mask = np.tril(np.ones((6, 6), bool))[None].repeat(2, 0)
+  got = np.asarray(grouped_attention(*map(jnp.asarray, (q, k, v, mask))))
+  kr, vr = k.repeat(2, axis=2), v.repeat(2, axis=2)  # head h uses kv head h // 2
+  s = np.einsum("bshd,bthd->bhst", q, kr) / np.sqrt(8)
+  s = np.where(mask[:, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(got, np.einsum("bhst,bthd->bshd", p, vr), atol=1e-5)
+
+
+def test_every_parameter_has_logical_axis_names():
+  model_cfg, msa_cfg = _tiny()
+  for scan in (False, True):
+    decoder = Qwen3Decoder(model_cfg.replace(scan_layers=scan), msa_cfg.router_layers)
+    boxed = jax.eval_shape(lambda d=decoder: d.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32)))
+    known = {name for name, _ in LOGICAL_RULES}
+    leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves
+    for leaf in leaves:
+      assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+      assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= known, leaf.names
+
+
+def test_router_projections_only_in_router_layers():
+  model_cfg, msa_cfg = _tiny()
+  _, params = _init(model_cfg, msa_cfg, jnp.ones((1, 4), jnp.int32))
+  for i in range(model_cfg.num_layers):
+    attn = params[f"layers_{i}"]["attn"]
+    if i in msa_cfg.router_layers:
+      assert attn["router_q"]["kernel"].shape == (64, 4, 16)
+      assert attn["router_k"]["kernel"].shape == (64, 2, 16)
+    else:
+      assert "router_q" not in attn and "router_k" not in attn
+
+
+def test_layer_blocks():
+  assert layer_blocks(6, (2, 3, 5)) == [(0, 2, False), (2, 4, True), (4, 5, False), (5, 6, True)]
+  assert layer_blocks(3, ()) == [(0, 3, False)]
+
+
+def test_scanned_equals_unscanned_and_layouts_round_trip():
+  model_cfg, msa_cfg = _tiny()
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, model_cfg.vocab_size)
+  decoder, params = _init(model_cfg, msa_cfg, tokens)
+  stacked = stack_layers(params, model_cfg.num_layers, msa_cfg.router_layers)
+  assert set(stacked) >= {"block_0_2", "block_2_4"}
+  jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
+  scanned = Qwen3Decoder(model_cfg.replace(scan_layers=True), msa_cfg.router_layers)
+  np.testing.assert_allclose(_apply(scanned, stacked, tokens),
+                             _apply(decoder, params, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_keeps_values_and_gradients(policy, scan):
+  model_cfg, msa_cfg = _tiny(scan_layers=scan)
+  tokens = jax.random.randint(jax.random.key(4), (2, 8), 0, model_cfg.vocab_size)
+  decoder, params = _init(model_cfg, msa_cfg, tokens)
+  remat = Qwen3Decoder(model_cfg.replace(remat_policy=policy), msa_cfg.router_layers)
+
+  def loss(d, p):
+    return jnp.mean(d.apply({"params": p}, tokens) ** 2)
+
+  g_ref = jax.jit(jax.grad(lambda p: loss(decoder, p)))(params)
+  g_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_remat, g_ref)
+
+
+def test_padding_and_position_shift_invariance():
+  model_cfg, msa_cfg = _tiny()
+  row = jax.random.randint(jax.random.key(5), (1, 7), 0, model_cfg.vocab_size)
+  decoder, params = _init(model_cfg, msa_cfg, row)
+  alone = _apply(decoder, params, row)
+  padded = jnp.concatenate([row, jnp.zeros((1, 5), jnp.int32)], axis=1)
+  seg = jnp.concatenate([jnp.ones((1, 7), jnp.int32), jnp.zeros((1, 5), jnp.int32)], axis=1)
+  got = _apply(decoder, params, padded, None, seg)
+  np.testing.assert_allclose(got[:, :7], alone, atol=1e-5)
+  assert np.isfinite(np.asarray(got)).all()
+  # RoPE is relative: shifting every position by a constant leaves the logits unchanged
+  shifted = _apply(decoder, params, row, jnp.arange(7)[None] + 19)
+  np.testing.assert_allclose(shifted, alone, atol=1e-4)
+
+
+def test_bf16_compute_with_bf16_and_f32_params():
+  model_cfg, msa_cfg = _tiny()
+  tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, model_cfg.vocab_size)
+  _, params32 = _init(model_cfg, msa_cfg, tokens)
+  reference = _apply(Qwen3Decoder(model_cfg, msa_cfg.router_layers), params32, tokens)
+  for param_dtype in ("float32", "bfloat16"):
+    cfg = model_cfg.replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+    decoder = Qwen3Decoder(cfg, msa_cfg.router_layers)
+    params = jax.tree.map(lambda x: x.astype(param_dtype), params32)
+    abstract = jax.eval_shape(decoder.init, jax.random.key(0), tokens)
+    assert abstract["params"]["layers_0"]["mlp"]["up_proj"]["kernel"].value.dtype == param_dtype
+    logits = _apply(decoder, params, tokens)
+    assert logits.dtype == jnp.bfloat16
+    # bf16 has ~3 significant digits: a sanity bound on the error, relative to the logit scale
+    scale = float(jnp.abs(reference).max())
+    assert float(jnp.abs(logits.astype(jnp.float32) - reference).max()) < 0.05 * scale
