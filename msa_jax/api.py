@@ -20,7 +20,8 @@ from msa_jax import config as cfglib
 from msa_jax.checkpoint import convert
 from msa_jax.checkpoint.errors import CheckpointError
 from msa_jax.data.tokenizer import Tokenizer
-from msa_jax.model.decoder import Qwen3Decoder
+from msa_jax.data.batch import plain_prompt
+from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import to_model_layout
 
 
@@ -34,18 +35,18 @@ class LoadedModel:
   tokenizer: Tokenizer | None = None
 
   @property
-  def decoder(self) -> Qwen3Decoder:
-    return Qwen3Decoder(self.model_config, self.msa_config.router_layers)
+  def model(self) -> MSAForCausalLM:
+    return MSAForCausalLM(self.model_config, self.msa_config)
 
   def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-    """Logits [B, S, V] of token ids [B, S]; `segment_ids` 0 marks padding (see Qwen3Decoder)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    return _forward(self.decoder, self.params, tokens, positions, segment_ids)
+    """Logits [B, S, V] of token ids [B, S] without memory (the Qwen3 backbone); `positions`
+    default to 0..S-1, `segment_ids` (1 = token, 0 = padding) to all ones."""
+    return _plain_logits(self.model, self.params, plain_prompt(tokens, positions, segment_ids))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(decoder, params, tokens, positions, segment_ids):
-  return decoder.apply({"params": params}, tokens, positions, segment_ids)
+def _plain_logits(model, params, prompt):
+  return model.apply({"params": params}, prompt, method=MSAForCausalLM.prompt_logits)[0]
 
 
 def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None = None,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from msa_jax import config as cfglib
-from msa_jax.model.attention import grouped_attention
-from msa_jax.model.decoder import Qwen3Decoder, layer_blocks
+from msa_jax.data.batch import plain_prompt
+from msa_jax.model.model import MSAForCausalLM, layer_blocks
 from msa_jax.model.layers import RMSNorm
 from msa_jax.model.param_layout import stack_layers, unstack_layers
 from msa_jax.model.rope import apply_rope
@@ -21,12 +21,17 @@ def _tiny(**overrides):
 
 
 def _init(model_cfg, msa_cfg, tokens):
-  decoder = Qwen3Decoder(model_cfg, msa_cfg.router_layers)
-  return decoder, nn.unbox(jax.jit(decoder.init)(jax.random.key(0), tokens)["params"])
+  model = MSAForCausalLM(model_cfg, msa_cfg)
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), plain_prompt(tokens))["params"])
 
 
-def _apply(decoder, params, *args):
-  return jax.jit(decoder.apply)({"params": params}, *args)
+def _logits(model, params, tokens, positions=None, segment_ids=None):
+  return model.apply({"params": params}, plain_prompt(tokens, positions, segment_ids),
+                     method=MSAForCausalLM.prompt_logits)[0]
+
+
+def _apply(model, params, *args):
+  return jax.jit(_logits, static_argnums=0)(model, params, *args)
 
 
 def test_rope_matches_pairwise_rotation_oracle():
@@ -54,26 +59,11 @@ def test_rmsnorm_matches_oracle():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_attention_matches_repeat_kv_oracle():
-  rng = np.random.default_rng(2)
-  q = rng.standard_normal((2, 6, 4, 8)).astype(np.float32)
-  k = rng.standard_normal((2, 6, 2, 8)).astype(np.float32)
-  v = rng.standard_normal((2, 6, 2, 8)).astype(np.float32)
-  mask = np.tril(np.ones((6, 6), bool))[None].repeat(2, 0)
-  got = np.asarray(grouped_attention(*map(jnp.asarray, (q, k, v, mask))))
-  kr, vr = k.repeat(2, axis=2), v.repeat(2, axis=2)  # head h uses kv head h // 2
-  s = np.einsum("bshd,bthd->bhst", q, kr) / np.sqrt(8)
-  s = np.where(mask[:, None], s, -np.inf)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  np.testing.assert_allclose(got, np.einsum("bhst,bthd->bshd", p, vr), atol=1e-5)
-
-
 def test_every_parameter_has_logical_axis_names():
   model_cfg, msa_cfg = _tiny()
   for scan in (False, True):
-    decoder = Qwen3Decoder(model_cfg.replace(scan_layers=scan), msa_cfg.router_layers)
-    boxed = jax.eval_shape(lambda d=decoder: d.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32)))
+    model = MSAForCausalLM(model_cfg.replace(scan_layers=scan), msa_cfg)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), plain_prompt(jnp.ones((1, 4), jnp.int32)))
     known = {name for name, _ in LOGICAL_RULES}
     leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves
@@ -106,7 +96,7 @@ def test_scanned_equals_unscanned_and_layouts_round_trip():
   stacked = stack_layers(params, model_cfg.num_layers, msa_cfg.router_layers)
   assert set(stacked) >= {"block_0_2", "block_2_4"}
   jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
-  scanned = Qwen3Decoder(model_cfg.replace(scan_layers=True), msa_cfg.router_layers)
+  scanned = MSAForCausalLM(model_cfg.replace(scan_layers=True), msa_cfg)
   np.testing.assert_allclose(_apply(scanned, stacked, tokens),
                              _apply(decoder, params, tokens), atol=1e-5)
 
@@ -117,10 +107,10 @@ def test_remat_keeps_values_and_gradients(policy, scan):
   model_cfg, msa_cfg = _tiny(scan_layers=scan)
   tokens = jax.random.randint(jax.random.key(4), (2, 8), 0, model_cfg.vocab_size)
   decoder, params = _init(model_cfg, msa_cfg, tokens)
-  remat = Qwen3Decoder(model_cfg.replace(remat_policy=policy), msa_cfg.router_layers)
+  remat = MSAForCausalLM(model_cfg.replace(remat_policy=policy), msa_cfg)
 
   def loss(d, p):
-    return jnp.mean(d.apply({"params": p}, tokens) ** 2)
+    return jnp.mean(_logits(d, p, tokens) ** 2)
 
   g_ref = jax.jit(jax.grad(lambda p: loss(decoder, p)))(params)
   g_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
@@ -146,12 +136,12 @@ def test_bf16_compute_with_bf16_and_f32_params():
   model_cfg, msa_cfg = _tiny()
   tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, model_cfg.vocab_size)
   _, params32 = _init(model_cfg, msa_cfg, tokens)
-  reference = _apply(Qwen3Decoder(model_cfg, msa_cfg.router_layers), params32, tokens)
+  reference = _apply(MSAForCausalLM(model_cfg, msa_cfg), params32, tokens)
   for param_dtype in ("float32", "bfloat16"):
     cfg = model_cfg.replace(compute_dtype="bfloat16", param_dtype=param_dtype)
-    decoder = Qwen3Decoder(cfg, msa_cfg.router_layers)
+    decoder = MSAForCausalLM(cfg, msa_cfg)
     params = jax.tree.map(lambda x: x.astype(param_dtype), params32)
-    abstract = jax.eval_shape(decoder.init, jax.random.key(0), tokens)
+    abstract = jax.eval_shape(decoder.init, jax.random.key(0), plain_prompt(tokens))
     assert abstract["params"]["layers_0"]["mlp"]["up_proj"]["kernel"].value.dtype == param_dtype
     logits = _apply(decoder, params, tokens)
     assert logits.dtype == jnp.bfloat16

@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from msa_jax import config as cfglib
-from msa_jax.model.decoder import Qwen3Decoder
+from msa_jax.data.batch import plain_prompt
+from msa_jax.model.model import MSAForCausalLM
 from msa_jax.sharding import LOGICAL_RULES, make_mesh, param_shardings
 
 
@@ -18,29 +19,34 @@ def test_sharded_forward_equals_single_device(scan_layers, tied):
   model_cfg, msa_cfg = cfglib.preset("tiny")
   model_cfg = model_cfg.replace(compute_dtype="float32", scan_layers=scan_layers,
                                 tie_word_embeddings=tied)
-  decoder = Qwen3Decoder(model_cfg, msa_cfg.router_layers)
+  model = MSAForCausalLM(model_cfg, msa_cfg)
   tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, model_cfg.vocab_size)
   segment_ids = jnp.ones_like(tokens).at[1, 10:].set(0).at[3, 5:].set(0)
-  params = nn.unbox(decoder.init(jax.random.key(0), tokens)["params"])
-  expected = decoder.apply({"params": params}, tokens, None, segment_ids)
+  prompt = plain_prompt(tokens, None, segment_ids)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompt)["params"])
+
+  def logits(p, pr):
+    return model.apply({"params": p}, pr, method=MSAForCausalLM.prompt_logits)[0]
+
+  expected = jax.jit(logits)(params, prompt)
 
   mesh = make_mesh((2, 2, 2))
-  shardings = param_shardings(decoder, mesh, tokens)
+  shardings = param_shardings(model, mesh, prompt)
   sharded_params = jax.device_put(params, shardings)
   q_kernel = (sharded_params["block_2_4"] if scan_layers else sharded_params["layers_2"])
   q_kernel = q_kernel["attn"]["q_proj"]["kernel"]
   # embed over fsdp, heads over tensor: each device holds a quarter of the kernel
   assert q_kernel.addressable_shards[0].data.size * 4 == q_kernel.size
   batch = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
-  tokens_s, seg_s = jax.device_put(tokens, batch), jax.device_put(segment_ids, batch)
+  prompt_s = jax.device_put(prompt, batch)
 
   @jax.jit
-  def forward(p, t, s):
+  def forward(p, pr):
     with nn.logical_axis_rules(LOGICAL_RULES):
-      return decoder.apply({"params": p}, t, None, s)
+      return logits(p, pr)
 
   with jax.set_mesh(mesh):
-    got = forward(sharded_params, tokens_s, seg_s)
+    got = forward(sharded_params, prompt_s)
   assert len(got.sharding.device_set) == 8
   err = float(jnp.max(jnp.abs(got - expected)))
   print(f"sharded vs single-device max |Δlogits| = {err:.2e}")

@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax.model.decoder import layer_blocks
+from msa_jax.model.model import layer_blocks
 
 _BLOCK = re.compile(r"block_(\d+)_(\d+)$")
 

@@ -1,0 +1,234 @@
+"""Host-side (numpy) builder from token lists to padded static-shape `MemoryBatch`/`PromptBatch`.
+
+Shapes are fixed by the caller (or picked from a few buckets), so every batch of a bucket reuses
+one compiled program. Bad samples fail here, naming the sample, rather than as a silently wrong
+mask or an out-of-range gather inside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from msa_jax.data.batch import MemoryBatch, PromptBatch
+
+_INT32_LIMIT = int(np.iinfo(np.int32).max) + 1
+
+
+class BatchError(ValueError):
+  """A sample (named by its index) or a builder argument cannot form a valid batch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One training/eval sample as token ids.
+
+  Prompt layout: [template_head][question][template_tail][answer]. `positive_docs` are 0-based
+  indices into `documents` (the aux loss's positives); only answer tokens are LM targets.
+  """
+
+  documents: Sequence[Sequence[int]]
+  template_head: Sequence[int]
+  question: Sequence[int]
+  answer: Sequence[int]
+  positive_docs: Sequence[int]
+  template_tail: Sequence[int] = ()
+
+  @property
+  def memory_len(self) -> int:
+    """Tokens the documents take in a memory row."""
+    return sum(len(d) for d in self.documents)
+
+  @property
+  def prompt_len(self) -> int:
+    """Tokens the prompt takes in a prompt row."""
+    return (len(self.template_head) + len(self.question) + len(self.template_tail) +
+            len(self.answer))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  """A sample's parts as validated int32 arrays."""
+
+  documents: list[np.ndarray]
+  head: np.ndarray
+  question: np.ndarray
+  tail: np.ndarray
+  answer: np.ndarray
+  positives: np.ndarray
+
+
+def _ids(index: int, what: str, ids, limit: int) -> np.ndarray:
+  """`ids` as a flat int32 array; rejects non-integers and ids outside [0, limit)."""
+  arr = np.asarray(ids)
+  if arr.size == 0:
+    arr = arr.astype(np.int64)  # np.asarray([]) is float64
+  if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+    raise BatchError(f"sample {index}: {what} must be a flat sequence of integer ids, got "
+                     f"shape {arr.shape} dtype {arr.dtype}")
+  bad = arr[(arr < 0) | (arr >= limit)]
+  if bad.size:
+    raise BatchError(f"sample {index}: {what} contains {int(bad[0])}, outside [0, {limit})")
+  return arr.astype(np.int32)
+
+
+def _convert(index: int, sample: Sample, vocab_size: int | None) -> _Row:
+  """Checks ids (the answer ids are the labels, so this bounds the labels too) and positives."""
+  limit = _INT32_LIMIT if vocab_size is None else vocab_size
+  docs = [_ids(index, f"document {j}", d, limit) for j, d in enumerate(sample.documents)]
+  return _Row(documents=docs,
+              head=_ids(index, "template_head", sample.template_head, limit),
+              question=_ids(index, "question", sample.question, limit),
+              tail=_ids(index, "template_tail", sample.template_tail, limit),
+              answer=_ids(index, "answer", sample.answer, limit),
+              positives=_ids(index, "positive_docs", sample.positive_docs, len(docs)))
+
+
+def _check_memory(index: int, row: _Row, seq_len_mem: int, max_docs: int) -> None:
+  """The documents must be non-empty, at most `max_docs`, and fit one row unsplit."""
+  if len(row.documents) > max_docs:
+    raise BatchError(f"sample {index}: {len(row.documents)} documents, more than "
+                     f"max_docs={max_docs}")
+  for j, doc in enumerate(row.documents):
+    if doc.size == 0:
+      raise BatchError(f"sample {index}: document {j} is empty")
+    if doc.size > seq_len_mem:
+      raise BatchError(f"sample {index}: document {j} has {doc.size} tokens, longer than a memory "
+                       f"row (seq_len_mem={seq_len_mem}); documents are never split")
+  need = sum(doc.size for doc in row.documents)
+  if need > seq_len_mem:
+    raise BatchError(f"sample {index}: documents need {need} tokens but seq_len_mem is "
+                     f"{seq_len_mem}")
+
+
+def _check_prompt(index: int, row: _Row, seq_len_prompt: int, question_position: int) -> None:
+  """The prompt needs route tokens, must fit its row, and its head must end before the question."""
+  if row.question.size == 0:
+    raise BatchError(f"sample {index}: empty question, so no route tokens to score the memory")
+  if row.head.size > question_position:
+    raise BatchError(f"sample {index}: template head has {row.head.size} tokens but the question "
+                     f"starts at position {question_position}; positions would overlap")
+  need = row.head.size + row.question.size + row.tail.size + row.answer.size
+  if need > seq_len_prompt:
+    raise BatchError(f"sample {index}: prompt needs {need} tokens (head {row.head.size}, question "
+                     f"{row.question.size}, tail {row.tail.size}, answer {row.answer.size}) but "
+                     f"seq_len_prompt is {seq_len_prompt}")
+
+
+def _fill_memory_row(out: dict[str, np.ndarray], b: int, documents: list[np.ndarray],
+                     chunk_size: int) -> None:
+  """Packs the documents in order; each is cut into ragged chunks numbered across the row."""
+  start, slot = 0, 0
+  for doc_id, doc in enumerate(documents, start=1):
+    end = start + doc.size
+    local = np.arange(doc.size)
+    n_chunks = -(-doc.size // chunk_size)
+    out["tokens"][b, start:end] = doc
+    out["segment_ids"][b, start:end] = doc_id
+    out["positions"][b, start:end] = local
+    out["chunk_ids"][b, start:end] = slot + local // chunk_size
+    out["chunk_doc"][b, slot:slot + n_chunks] = doc_id
+    out["chunk_len"][b, slot:slot + n_chunks] = np.minimum(
+        chunk_size, doc.size - chunk_size * np.arange(n_chunks))
+    start, slot = end, slot + n_chunks
+
+
+def _fill_prompt_row(out: dict[str, np.ndarray], b: int, row: _Row, question_position: int) -> None:
+  """Head at 0..T-1 and memory-blind; the rest from `question_position` on, seeing memory."""
+  seq = np.concatenate([row.head, row.question, row.tail, row.answer])
+  n, head = seq.size, row.head.size
+  answer_start = n - row.answer.size
+  out["tokens"][b, :n] = seq
+  out["segment_ids"][b, :n] = 1
+  out["positions"][b, :head] = np.arange(head)
+  out["positions"][b, head:n] = question_position + np.arange(n - head)
+  out["route_mask"][b, head:head + row.question.size] = True
+  out["sees_memory"][b, head:n] = True
+  out["labels"][b, answer_start - 1:n - 1] = row.answer
+  out["doc_labels"][b, row.positives] = 1
+
+
+def _check_args(samples, seq_len_mem, seq_len_prompt, max_docs, chunk_size, question_position,
+                pad_id, vocab_size) -> None:
+  """Builder arguments, checked before any sample so their errors are not blamed on one."""
+  if not samples:
+    raise BatchError("no samples: a batch needs at least one")
+  for name, value in (("seq_len_mem", seq_len_mem), ("seq_len_prompt", seq_len_prompt),
+                      ("max_docs", max_docs), ("chunk_size", chunk_size)):
+    if value <= 0:
+      raise BatchError(f"{name} must be positive, got {value}")
+  if question_position < 0:
+    raise BatchError(f"question_position must be >= 0, got {question_position}")
+  limit = _INT32_LIMIT if vocab_size is None else vocab_size
+  if not 0 <= pad_id < limit:
+    raise BatchError(f"pad_id {pad_id} outside [0, {limit})")
+
+
+def build_batch(samples: Sequence[Sample], *, seq_len_mem: int, seq_len_prompt: int,
+                max_docs: int, chunk_size: int, question_position: int, pad_id: int,
+                vocab_size: int | None = None) -> tuple[MemoryBatch, PromptBatch]:
+  """Packs sample b's documents into memory row b and its prompt into prompt row b.
+
+  `chunk_size` and `question_position` come from `MSAConfig` (P and `question_position`). The
+  number of chunk slots is C_max = seq_len_mem // chunk_size + max_docs, enough for any row.
+  """
+  _check_args(samples, seq_len_mem, seq_len_prompt, max_docs, chunk_size, question_position,
+              pad_id, vocab_size)
+  rows = [_convert(i, s, vocab_size) for i, s in enumerate(samples)]
+  for i, row in enumerate(rows):
+    _check_memory(i, row, seq_len_mem, max_docs)
+    _check_prompt(i, row, seq_len_prompt, question_position)
+  batch, c_max = len(rows), seq_len_mem // chunk_size + max_docs
+  mem = {"tokens": np.full((batch, seq_len_mem), pad_id, np.int32),
+         "segment_ids": np.zeros((batch, seq_len_mem), np.int32),
+         "positions": np.zeros((batch, seq_len_mem), np.int32),
+         "chunk_ids": np.full((batch, seq_len_mem), c_max, np.int32),
+         "chunk_doc": np.zeros((batch, c_max), np.int32),
+         "chunk_len": np.zeros((batch, c_max), np.int32)}
+  prompt = {"tokens": np.full((batch, seq_len_prompt), pad_id, np.int32),
+            "segment_ids": np.zeros((batch, seq_len_prompt), np.int32),
+            "positions": np.zeros((batch, seq_len_prompt), np.int32),
+            "route_mask": np.zeros((batch, seq_len_prompt), bool),
+            "sees_memory": np.zeros((batch, seq_len_prompt), bool),
+            "labels": np.full((batch, seq_len_prompt), -1, np.int32),
+            "doc_labels": np.zeros((batch, max_docs), np.int32)}
+  for b, row in enumerate(rows):
+    _fill_memory_row(mem, b, row.documents, chunk_size)
+    _fill_prompt_row(prompt, b, row, question_position)
+  return MemoryBatch(**mem), PromptBatch(**prompt)
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket holding `n` tokens: a few shapes (and compilations) cover all batches."""
+  if not buckets:
+    raise BatchError("no buckets given")
+  fitting = [b for b in buckets if b >= n]
+  if not fitting:
+    raise BatchError(f"{n} tokens fit no bucket: the largest of {sorted(buckets)} is "
+                     f"{max(buckets)}")
+  return min(fitting)
+
+
+def _bucket_for(lengths: list[int], buckets: Sequence[int], stream: str) -> int:
+  """The bucket of the batch's longest row, naming that sample when none fits."""
+  longest = int(np.argmax(lengths))
+  try:
+    return bucket_length(lengths[longest], buckets)
+  except BatchError as e:
+    raise BatchError(f"sample {longest}: {stream} row: {e}") from None
+
+
+def build_batch_bucketed(samples: Sequence[Sample], mem_buckets: Sequence[int],
+                         prompt_buckets: Sequence[int], *, max_docs: int, chunk_size: int,
+                         question_position: int, pad_id: int,
+                         vocab_size: int | None = None) -> tuple[MemoryBatch, PromptBatch]:
+  """`build_batch` with seq_len_mem/seq_len_prompt the smallest buckets fitting the longest rows."""
+  if not samples:
+    raise BatchError("no samples: a batch needs at least one")
+  seq_len_mem = _bucket_for([s.memory_len for s in samples], mem_buckets, "memory")
+  seq_len_prompt = _bucket_for([s.prompt_len for s in samples], prompt_buckets, "prompt")
+  return build_batch(samples, seq_len_mem=seq_len_mem, seq_len_prompt=seq_len_prompt,
+                     max_docs=max_docs, chunk_size=chunk_size, question_position=question_position,
+                     pad_id=pad_id, vocab_size=vocab_size)

@@ -1,0 +1,1 @@
+"""Segment-masked causal attention (memory stream, prompt stream, prompt + selected chunks)."""

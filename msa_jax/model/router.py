@@ -1,0 +1,113 @@
+"""MSA routing: score router queries against pooled router keys, reduce to document scores, pick the
+top-k documents (MSA_PAPER.md §1.2 Eq. 2, MSA_REFERENCE_IMPL.md §2.5).
+
+score(t, c) = reduce_h <q_r[t,h], k̄_r[c, h // G]>   (cosine: both L2-normalised; else scaled by 1/√D)
+chunk score = reduce over route tokens t;  document score = reduce over the document's chunks;
+selection = hard top-k over present documents, k_eff = min(k, documents present), no gradient.
+
+The head mean is linear, so query heads are summed per KV group first and scored with one matmul
+[T, Hkv·D] x [Hkv·D, C]: no [B, H, T, C] tensor exists. Everything is float32.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from msa_jax.config import MSAConfig
+
+_EPS = 1e-12
+
+
+@flax.struct.dataclass
+class Selection:
+  """Per-row routing result over document columns 0..D-1 (column d-1 = document d).
+
+  doc_scores [B, D] f32 (-inf for absent documents), doc_present [B, D] bool,
+  doc_selected [B, D] bool (the top-k_eff present documents).
+  """
+
+  doc_scores: jax.Array
+  doc_present: jax.Array
+  doc_selected: jax.Array
+
+
+def l2_normalize(x):
+  x = x.astype(jnp.float32)
+  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _EPS))
+
+
+def _token_chunk_scores(q, k, head_reduce: str):
+  """q [B,T,H,D], k [B,C,Hkv,D] (f32) -> [B,T,C] reduced over heads."""
+  b, t, h, d = q.shape
+  c, hkv = k.shape[1], k.shape[2]
+  qg = q.reshape(b, t, hkv, h // hkv, d)
+  if head_reduce == "mean":
+    summed = jnp.sum(qg, axis=3).reshape(b, t, hkv * d)
+    return jnp.einsum("btx,bcx->btc", summed, k.reshape(b, c, hkv * d)) / h
+
+  def per_kv_head(best, j):  # head max: one KV group at a time, [B,T,G,C] at most
+    s = jnp.einsum("btgd,bcd->btgc", qg[:, :, j], k[:, :, j])
+    return jnp.maximum(best, jnp.max(s, axis=2)), None
+
+  best, _ = lax.scan(per_kv_head, jnp.full((b, t, c), -jnp.inf, jnp.float32), jnp.arange(hkv))
+  return best
+
+
+def _reduce_queries(s, route_mask, query_reduce: str):
+  """s [B,T,C] -> [B,C] over the route tokens of each row."""
+  if query_reduce == "max":
+    return jnp.max(jnp.where(route_mask[:, :, None], s, -jnp.inf), axis=1)
+  if query_reduce == "mean":
+    count = jnp.maximum(jnp.sum(route_mask, axis=1), 1)[:, None]
+    return jnp.sum(jnp.where(route_mask[:, :, None], s, 0.0), axis=1) / count
+  last = jnp.max(jnp.where(route_mask, jnp.arange(s.shape[1]), -1), axis=1)  # "last"
+  picked = jnp.take_along_axis(s, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
+  return jnp.where((last >= 0)[:, None], picked, -jnp.inf)
+
+
+def chunk_scores(q_r, route_mask, k_r, cfg: MSAConfig, *, coupled_scale: bool = False):
+  """Router queries q_r [B,T,H,D] (raw projections), route_mask [B,T], pooled router keys
+  k_r [B,C,Hkv,D] (raw means) -> chunk scores [B,C] f32 (empty slots are not masked here)."""
+  q = q_r.astype(jnp.float32)
+  k = k_r.astype(jnp.float32)
+  scale = 1.0
+  if cfg.score_mode == "cosine":
+    q, k = l2_normalize(q), l2_normalize(k)
+  if cfg.score_mode == "scaled_dot" or coupled_scale:
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+  s = _token_chunk_scores(q * scale, k, cfg.head_reduce)
+  return _reduce_queries(s, route_mask, cfg.query_reduce)
+
+
+def document_scores(scores, chunk_doc, num_docs: int, chunk_reduce: str):
+  """Chunk scores [B,C] and chunk_doc [B,C] (1-based, 0 = empty) -> ([B,D] scores, [B,D] present)."""
+  ids = jnp.where(chunk_doc > 0, chunk_doc - 1, num_docs)  # empty slots go out of range: dropped
+  count = jax.vmap(lambda i: jax.ops.segment_sum(jnp.ones_like(i), i, num_segments=num_docs))(ids)
+  present = count > 0
+  if chunk_reduce == "max":
+    doc = jax.vmap(lambda s, i: jax.ops.segment_max(s, i, num_segments=num_docs))(scores, ids)
+  else:
+    doc = jax.vmap(lambda s, i: jax.ops.segment_sum(s, i, num_segments=num_docs))(scores, ids)
+    doc = doc / jnp.maximum(count, 1)
+  return jnp.where(present, doc, -jnp.inf), present
+
+
+def select_top_k(doc_scores, present, k: int):
+  """Boolean [B,D] mask of the top-min(k, present) documents; no gradient flows through it."""
+  scores = lax.stop_gradient(jnp.where(present, doc_scores, -jnp.inf))
+  k = min(k, scores.shape[-1])
+  _, idx = lax.top_k(scores, k)
+  chosen = jnp.take_along_axis(present, idx, axis=-1)
+  rows = jnp.arange(scores.shape[0])[:, None]
+  return jnp.zeros_like(present).at[rows, idx].max(chosen)
+
+
+def route(q_r, route_mask, k_r, chunk_doc, cfg: MSAConfig, *, coupled_scale: bool = False
+          ) -> Selection:
+  """Full routing of one layer over the chunk slots of each row."""
+  s = chunk_scores(q_r, route_mask, k_r, cfg, coupled_scale=coupled_scale)
+  doc, present = document_scores(s, chunk_doc, chunk_doc.shape[-1], cfg.chunk_reduce)
+  return Selection(doc, present, select_top_k(doc, present, cfg.top_k_docs))

@@ -1,0 +1,1 @@
+"""Training: losses, router metrics and the train step."""
