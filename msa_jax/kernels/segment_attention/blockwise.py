@@ -61,6 +61,7 @@ def _scores(qb, kb, mask, scale):
 
 
 def _prepare(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv):
+  q, k, v, q_seg, q_idx, kv_seg, kv_idx = map(jnp.asarray, (q, k, v, q_seg, q_idx, kv_seg, kv_idx))
   b, sq, h, d = q.shape
   skv, hkv = k.shape[1], k.shape[2]
   nq, nk = -(-sq // block_q), -(-skv // block_kv)
