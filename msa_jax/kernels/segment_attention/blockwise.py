@@ -54,6 +54,16 @@ def _needed_tiles(q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv):
 _tile_mask = segment_mask
 
 
+def _live_range(needed_row):
+  """[lo, hi) covering every needed tile of a row of the tile grid (empty when none is needed):
+  loops run only over this range, so a long row of short documents costs ~S·doc_len, not S²."""
+  n = needed_row.shape[0]
+  any_needed = jnp.any(needed_row)
+  lo = jnp.where(any_needed, jnp.argmax(needed_row), 0)
+  hi = jnp.where(any_needed, n - jnp.argmax(needed_row[::-1]), 0)
+  return lo, hi
+
+
 def _scores(qb, kb, mask, scale):
   """qb [B,bq,Hkv,G,D], kb [B,bk,Hkv,D] -> f32 [B,Hkv,G,bq,bk], masked entries -BIG."""
   s = jnp.einsum("bqkgd,btkd->bkgqt", qb, kb, preferred_element_type=jnp.float32) * scale
@@ -85,12 +95,11 @@ def _forward(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv):
   qb_all, kb_all, vb_all, qs_all, qi_all, ks_all, ki_all, needed = _prepare(
       q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv)
   hkv, g = qb_all.shape[3], qb_all.shape[4]
-  nk = kb_all.shape[1]
 
   def q_block(args):
     qb, qs, qi, need_row = args
 
-    def kv_step(carry, j):
+    def kv_step(j, carry):
       def compute(carry):
         m, l, acc = carry
         mask = _tile_mask(qs, qi, ks_all[:, j], ki_all[:, j])
@@ -103,12 +112,12 @@ def _forward(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv):
                         preferred_element_type=jnp.float32)
         return m_new, l, acc * corr[..., None] + pv
 
-      return lax.cond(need_row[j], compute, lambda c: c, carry), None
+      return lax.cond(need_row[j], compute, lambda c: c, carry)
 
     init = (jnp.full((b, hkv, g, block_q), -_BIG, jnp.float32),
             jnp.zeros((b, hkv, g, block_q), jnp.float32),
             jnp.zeros((b, hkv, g, block_q, d), jnp.float32))
-    (m, l, acc), _ = lax.scan(kv_step, init, jnp.arange(nk))
+    m, l, acc = lax.fori_loop(*_live_range(need_row), kv_step, init)
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_BIG)
@@ -159,17 +168,17 @@ def _bwd(block_q, block_kv, res, dout):
     return p, ds
 
   def dq_block(i):
-    def step(acc, j):
+    def step(j, acc):
       def compute(acc):
         _, ds = tile(i, j)
         return acc + jnp.einsum("bkgqt,btkd->bqkgd", ds.astype(kb_all.dtype), kb_all[:, j],
                                 preferred_element_type=jnp.float32) * scale
-      return lax.cond(needed[i, j], compute, lambda a: a, acc), None
-    acc, _ = lax.scan(step, jnp.zeros((b, block_q, hkv, g, d), jnp.float32), jnp.arange(nk))
-    return acc
+      return lax.cond(needed[i, j], compute, lambda a: a, acc)
+    return lax.fori_loop(*_live_range(needed[i]), step,
+                         jnp.zeros((b, block_q, hkv, g, d), jnp.float32))
 
   def dkv_block(j):
-    def step(carry, i):
+    def step(i, carry):
       def compute(carry):
         dk, dv = carry
         p, ds = tile(i, j)
@@ -178,10 +187,9 @@ def _bwd(block_q, block_kv, res, dout):
         dk = dk + jnp.einsum("bkgqt,bqkgd->btkd", ds.astype(qb_all.dtype), qb_all[:, i],
                              preferred_element_type=jnp.float32) * scale
         return dk, dv
-      return lax.cond(needed[i, j], compute, lambda c: c, carry), None
+      return lax.cond(needed[i, j], compute, lambda c: c, carry)
     zeros = jnp.zeros((b, block_kv, hkv, d), jnp.float32)
-    (dk, dv), _ = lax.scan(step, (zeros, zeros), jnp.arange(nq))
-    return dk, dv
+    return lax.fori_loop(*_live_range(needed[:, j]), step, (zeros, zeros))
 
   dq = lax.map(dq_block, jnp.arange(nq))
   dk, dv = lax.map(dkv_block, jnp.arange(nk))
