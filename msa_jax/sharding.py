@@ -11,7 +11,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh
 
 TRAIN_AXES = ("data", "fsdp", "tensor")
 
@@ -49,10 +49,6 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
   """NamedShardings for a tree of `nn.Partitioned` boxes (e.g. `jax.eval_shape(model.init, ...)`)."""
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def param_shardings(module: nn.Module, mesh: Mesh, *init_args, rules=LOGICAL_RULES):
