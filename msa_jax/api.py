@@ -57,8 +57,7 @@ def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None
   `scan_layers`, and `score_mode` (replacing the router score gating read from the checkpoint).
   """
   if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):
-    meta = convert.read_meta(path)
-    model_cfg, msa_cfg = cfglib.config_from_dict(meta)
+    _, model_cfg, msa_cfg = convert.read_meta(path)
     params = convert.restore_tree(path)["params"]
   elif os.path.exists(os.path.join(path, "config.json")):
     model_cfg, msa_cfg, params, _, _ = convert.read_hf_params(path, param_dtype=param_dtype)

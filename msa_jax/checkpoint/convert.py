@@ -148,8 +148,8 @@ def hf_to_msa_jax(hf_dir: str, out_dir: str, *, score_mode: str | None = None,
   return os.path.abspath(out_dir)
 
 
-def read_meta(ckpt_dir: str) -> dict[str, Any]:
-  """Reads and validates msa_jax_config.json (its configs parse with `cfglib.config_from_dict`)."""
+def read_meta(ckpt_dir: str):
+  """Reads and validates msa_jax_config.json: (the JSON dict, ModelConfig, MSAConfig)."""
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"msa_jax checkpoint directory does not exist: {ckpt_dir}")
   path = os.path.join(ckpt_dir, CONFIG_FILE)
@@ -158,10 +158,10 @@ def read_meta(ckpt_dir: str) -> dict[str, Any]:
     raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
                           f"(this msa_jax reads {FORMAT_VERSION})")
   try:
-    cfglib.config_from_dict(meta)
+    model_cfg, msa_cfg = cfglib.config_from_dict(meta)
   except cfglib.ConfigError as e:
     raise CheckpointError(f"{path}: {e}") from e
-  return meta
+  return meta, model_cfg, msa_cfg
 
 
 def restore_tree(ckpt_dir: str, target=None):
@@ -203,9 +203,8 @@ def msa_jax_to_hf(ckpt_dir: str, out_dir: str, *, hf_format: str = "auto", overw
   """
   if hf_format not in ("auto", "qwen3", "msa"):
     raise CheckpointError(f"hf_format must be auto, qwen3 or msa, got {hf_format!r}")
-  meta = read_meta(ckpt_dir)
+  meta, model_cfg, msa_cfg = read_meta(ckpt_dir)
   _check_output(out_dir, overwrite)
-  model_cfg, msa_cfg = cfglib.config_from_dict(meta)
   fmt = meta.get("hf_model_type", "msa") if hf_format == "auto" else hf_format
   if fmt not in ("qwen3", "msa"):
     raise CheckpointError(f"{os.path.join(ckpt_dir, CONFIG_FILE)}: unknown hf_model_type {fmt!r}")
