@@ -165,7 +165,7 @@ def _bad(**changes):
     (_bad(documents=[[1], []]), {}, r"sample 1: document 1 is empty"),
     (_bad(question=[]), {}, r"sample 1: empty question, so no route tokens"),
     (_bad(answer=[7, 8, 9, 10, 11]), {},
-     r"sample 1: prompt needs 11 tokens \(head 2, question 3, tail 1, answer 5\) but "
+     r"sample 1: prompt needs 11 tokens \(head 2, question 3, tail 1, context 0, answer 5\) but "
      r"seq_len_prompt is 10"),
     (_bad(template_head=[1] * 6, question=[3], template_tail=[], answer=[]), {},
      r"sample 1: template head has 6 tokens but the question starts at position 5"),

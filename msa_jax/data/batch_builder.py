@@ -25,8 +25,11 @@ class BatchError(ValueError):
 class Sample:
   """One training/eval sample as token ids.
 
-  Prompt layout: [template_head][question][template_tail][answer]. `positive_docs` are 0-based
-  indices into `documents` (the aux loss's positives); only answer tokens are LM targets.
+  Prompt layout: [template_head][question][template_tail][context][answer]. `positive_docs` are
+  0-based indices into `documents` (the aux loss's positives). The question routes; `context` is
+  text already in the transcript (a Memory Interleave step's earlier rounds), and `context_route`
+  marks its tokens that route too (the newest retrieved documents). Answer tokens are the LM
+  targets, except where `answer_target` (if given) is false: text the driver injects mid-answer.
   """
 
   documents: Sequence[Sequence[int]]
@@ -35,6 +38,9 @@ class Sample:
   answer: Sequence[int]
   positive_docs: Sequence[int]
   template_tail: Sequence[int] = ()
+  context: Sequence[int] = ()
+  context_route: Sequence[bool] = ()
+  answer_target: Sequence[bool] = ()
 
   @property
   def memory_len(self) -> int:
@@ -45,7 +51,7 @@ class Sample:
   def prompt_len(self) -> int:
     """Tokens the prompt takes in a prompt row."""
     return (len(self.template_head) + len(self.question) + len(self.template_tail) +
-            len(self.answer))
+            len(self.context) + len(self.answer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +62,10 @@ class _Row:
   head: np.ndarray
   question: np.ndarray
   tail: np.ndarray
+  context: np.ndarray
+  context_route: np.ndarray
   answer: np.ndarray
+  answer_target: np.ndarray
   positives: np.ndarray
 
 
@@ -74,15 +83,33 @@ def _ids(index: int, what: str, ids, limit: int) -> np.ndarray:
   return arr.astype(np.int32)
 
 
+def _flags(index: int, what: str, flags, length: int, length_of: str) -> np.ndarray:
+  """`flags` as a bool array of `length` (all true when empty); rejects other lengths."""
+  arr = np.asarray(flags, dtype=bool).reshape(-1)
+  if arr.size == 0:
+    return np.ones(length, bool) if what == "answer_target" else np.zeros(length, bool)
+  if arr.size != length:
+    raise BatchError(f"sample {index}: {what} has {arr.size} flags but {length_of} has {length} "
+                     f"tokens")
+  return arr
+
+
 def _convert(index: int, sample: Sample, vocab_size: int | None) -> _Row:
-  """Checks ids (the answer ids are the labels, so this bounds the labels too) and positives."""
+  """Checks ids (the answer ids are the labels, so this bounds the labels too), masks, positives."""
   limit = _INT32_LIMIT if vocab_size is None else vocab_size
   docs = [_ids(index, f"document {j}", d, limit) for j, d in enumerate(sample.documents)]
+  context = _ids(index, "context", sample.context, limit)
+  answer = _ids(index, "answer", sample.answer, limit)
   return _Row(documents=docs,
               head=_ids(index, "template_head", sample.template_head, limit),
               question=_ids(index, "question", sample.question, limit),
               tail=_ids(index, "template_tail", sample.template_tail, limit),
-              answer=_ids(index, "answer", sample.answer, limit),
+              context=context,
+              context_route=_flags(index, "context_route", sample.context_route, context.size,
+                                   "context"),
+              answer=answer,
+              answer_target=_flags(index, "answer_target", sample.answer_target, answer.size,
+                                   "answer"),
               positives=_ids(index, "positive_docs", sample.positive_docs, len(docs)))
 
 
@@ -110,11 +137,11 @@ def _check_prompt(index: int, row: _Row, seq_len_prompt: int, question_position:
   if row.head.size > question_position:
     raise BatchError(f"sample {index}: template head has {row.head.size} tokens but the question "
                      f"starts at position {question_position}; positions would overlap")
-  need = row.head.size + row.question.size + row.tail.size + row.answer.size
+  need = row.head.size + row.question.size + row.tail.size + row.context.size + row.answer.size
   if need > seq_len_prompt:
     raise BatchError(f"sample {index}: prompt needs {need} tokens (head {row.head.size}, question "
-                     f"{row.question.size}, tail {row.tail.size}, answer {row.answer.size}) but "
-                     f"seq_len_prompt is {seq_len_prompt}")
+                     f"{row.question.size}, tail {row.tail.size}, context {row.context.size}, "
+                     f"answer {row.answer.size}) but seq_len_prompt is {seq_len_prompt}")
 
 
 def _fill_memory_row(out: dict[str, np.ndarray], b: int, documents: list[np.ndarray],
@@ -137,16 +164,18 @@ def _fill_memory_row(out: dict[str, np.ndarray], b: int, documents: list[np.ndar
 
 def _fill_prompt_row(out: dict[str, np.ndarray], b: int, row: _Row, question_position: int) -> None:
   """Head at 0..T-1 and memory-blind; the rest from `question_position` on, seeing memory."""
-  seq = np.concatenate([row.head, row.question, row.tail, row.answer])
+  seq = np.concatenate([row.head, row.question, row.tail, row.context, row.answer])
   n, head = seq.size, row.head.size
   answer_start = n - row.answer.size
+  context_start = answer_start - row.context.size
   out["tokens"][b, :n] = seq
   out["segment_ids"][b, :n] = 1
   out["positions"][b, :head] = np.arange(head)
   out["positions"][b, head:n] = question_position + np.arange(n - head)
   out["route_mask"][b, head:head + row.question.size] = True
+  out["route_mask"][b, context_start:answer_start] = row.context_route
   out["sees_memory"][b, head:n] = True
-  out["labels"][b, answer_start - 1:n - 1] = row.answer
+  out["labels"][b, answer_start - 1:n - 1] = np.where(row.answer_target, row.answer, -1)
   out["doc_labels"][b, row.positives] = 1
 
 

@@ -1,0 +1,59 @@
+"""MSA's text protocol: how documents are wrapped and how a generative-retrieval transcript reads.
+
+These strings follow the official code (MSA_REFERENCE_IMPL.md §3.1, §5): documents are wrapped as
+`<|im_start|>[i]. text[i]<|im_end|>` so the model can later write `[i]`; the prompt is the Qwen
+instruct template split into a 3-token head `<|im_start|>user\\n` (memory-blind, cached at encode
+time) and the tail `<|im_end|>\\n<|im_start|>`; a retrieval round is `[i][j]<|object_ref_end|>`,
+after which the driver injects `[i]. text\\n…<|object_ref_end|>`; `<End-of-Retrieve>` ends
+retrieval, the driver restates the question, and the answer follows `The answer to the question is:`.
+Training samples (transcript.py), the synthetic generators and the interleave driver all use this
+module so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+END_OF_RETRIEVE = "<End-of-Retrieve>"
+TEMPLATE_HEAD = "<|im_start|>user\n"
+TEMPLATE_TAIL = "<|im_end|>\n<|im_start|>"
+ANSWER_PREFIX = "The answer to the question is: "
+_QUESTION = ("\nPlease answer the question based on the above historical document information\n\n"
+             "{question}\nPlease return all documents related to the question\n")
+_RESTATEMENT = "<|im_start|>The user's question is: {question}\n<|object_ref_end|>"
+
+
+def wrap_document(doc_id: int, text: str) -> str:
+  """A memory document as the model sees it: its id at both ends."""
+  return f"<|im_start|>[{doc_id}]. {text}[{doc_id}]<|im_end|>"
+
+
+def question_text(question: str) -> str:
+  """The routing part of the first-round prompt (the official instruction around the question)."""
+  return _QUESTION.format(question=question)
+
+
+def round_ids(doc_ids: Sequence[int]) -> str:
+  """What the model writes to retrieve documents in one round."""
+  return "".join(f"[{i}]" for i in doc_ids) + "<|object_ref_end|>"
+
+
+def injected_documents(doc_ids: Sequence[int], documents: Sequence[str]) -> str:
+  """The documents' text as the driver appends it after a round (without the closing delimiter,
+  which `injection` adds: this span is what routes in the next round)."""
+  return "".join(f"[{i}]. {documents[i]}\n" for i in doc_ids)
+
+
+def injection_end() -> str:
+  """Closes an injection."""
+  return "<|object_ref_end|>"
+
+
+def restatement(question: str) -> str:
+  """What the driver appends after `<End-of-Retrieve>` (the official code does; Fig. 3 omits it)."""
+  return _RESTATEMENT.format(question=question)
+
+
+def final_answer(answer: str) -> str:
+  """The model's closing line."""
+  return f"{ANSWER_PREFIX}{answer}<|im_end|>"

@@ -1,0 +1,69 @@
+"""A memory QA record in text form: what synthetic generators produce and dataset readers return.
+
+A record is the unit the paper trains and evaluates on: a memory (documents), a question, its answer,
+and the gold documents of each retrieval step (one step for single-hop questions; a chain for
+multi-hop, where step h+1 is retrieved with step h's documents appended). Document ids are 0-based
+indices into `documents`; the prompt format wraps document i as `[i]. text` (see `transcript.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+class RecordError(ValueError):
+  """A record (named by where it came from) is malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """documents: the memory's texts; hops: the gold document ids of each retrieval step, in order;
+  task: a label for per-task metrics (e.g. "fact_lookup", "multi_hop", "niah_multi_key")."""
+
+  documents: tuple[str, ...]
+  question: str
+  answer: str
+  hops: tuple[tuple[int, ...], ...]
+  task: str = ""
+
+  @property
+  def gold_ids(self) -> tuple[int, ...]:
+    """Every gold document id, in first-retrieved order, without repeats."""
+    return tuple(dict.fromkeys(i for hop in self.hops for i in hop))
+
+  def to_json(self) -> dict:
+    return {"documents": list(self.documents), "question": self.question, "answer": self.answer,
+            "positive_ids": [list(h) for h in self.hops], "task": self.task}
+
+
+def make_record(documents: Sequence[str], question: str, answer: str,
+                hops: Sequence[Sequence[int]] | Sequence[int], task: str = "",
+                where: str = "record") -> Record:
+  """A validated `Record`. `hops` may be a flat list of ids (one step). Errors name `where`."""
+  if not isinstance(question, str) or not question.strip():
+    raise RecordError(f"{where}: question must be a non-empty string")
+  if not isinstance(answer, str):
+    raise RecordError(f"{where}: answer must be a string, got {type(answer).__name__}")
+  if isinstance(documents, str) or not all(isinstance(d, str) for d in documents):
+    raise RecordError(f"{where}: documents must be a list of strings")
+  if any(not d for d in documents):
+    raise RecordError(f"{where}: document {[bool(d) for d in documents].index(False)} is empty")
+  hops = list(hops)
+  if hops and all(isinstance(h, int) and not isinstance(h, bool) for h in hops):
+    hops = [hops]
+  steps = []
+  for h, hop in enumerate(hops):
+    if isinstance(hop, (str, bytes)) or not hasattr(hop, "__iter__"):
+      raise RecordError(f"{where}: positive_ids step {h} must be a list of document ids")
+    ids = list(hop)
+    if not ids:
+      raise RecordError(f"{where}: positive_ids step {h} is empty")
+    for i in ids:
+      if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(documents):
+        raise RecordError(f"{where}: positive id {i!r} in step {h} is not a document index in "
+                          f"[0, {len(documents)})")
+    steps.append(tuple(ids))
+  if not steps:
+    raise RecordError(f"{where}: no positive document ids")
+  return Record(tuple(documents), question, answer, tuple(steps), task)
