@@ -135,16 +135,30 @@ def hf_to_msa_jax(hf_dir: str, out_dir: str, *, score_mode: str | None = None,
                           f"require_tokenizer=False / --norequire_tokenizer)")
   model_cfg, msa_cfg, params, extras, hf_config = read_hf_params(
       hf_dir, score_mode=score_mode, param_dtype=param_dtype, seed=seed)
+  side_files = [os.path.join(hf_dir, name) for name in SIDE_FILES]
+  return write_checkpoint_dir(out_dir, model_cfg, msa_cfg, params, extras=extras,
+                              hf_config=hf_config, side_files=side_files, overwrite=overwrite)
+
+
+def write_checkpoint_dir(out_dir: str, model_cfg: cfglib.ModelConfig, msa_cfg: cfglib.MSAConfig,
+                         params, *, extras=None, hf_config=None, side_files=(),
+                         overwrite: bool = False, extra_meta=None) -> str:
+  """Writes an msa_jax checkpoint directory (atomically) from per-layer params (host or device
+  arrays). `side_files` that exist (tokenizer files) are copied in; `hf_config` defaults to the
+  MSA config transformers would read; `extra_meta` adds keys to msa_jax_config.json."""
+  _check_output(out_dir, overwrite)
+  extras = dict(extras or {})
+  hf_config = hf_config or cfglib.to_hf_config(model_cfg, msa_cfg)
   with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     _save_tree(os.path.join(tmp, PARAMS_DIR), params, extras)
     meta = {"format_version": FORMAT_VERSION, **cfglib.config_to_dict(model_cfg, msa_cfg),
             "hf_model_type": hf_config["model_type"], "hf_config": hf_config,
-            "extras": sorted(extras)}
+            "extras": sorted(extras), **(extra_meta or {})}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
-    for name in SIDE_FILES:
-      if os.path.exists(os.path.join(hf_dir, name)):
-        shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, name))
+    for path in side_files:
+      if os.path.exists(path):
+        shutil.copy(path, os.path.join(tmp, os.path.basename(path)))
   return os.path.abspath(out_dir)
 
 
