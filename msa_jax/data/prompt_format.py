@@ -38,10 +38,10 @@ def round_ids(doc_ids: Sequence[int]) -> str:
   return "".join(f"[{i}]" for i in doc_ids) + "<|object_ref_end|>"
 
 
-def injected_documents(doc_ids: Sequence[int], documents: Sequence[str]) -> str:
-  """The documents' text as the driver appends it after a round (without the closing delimiter,
-  which `injection` adds: this span is what routes in the next round)."""
-  return "".join(f"[{i}]. {documents[i]}\n" for i in doc_ids)
+def injected_documents(entries: Sequence[tuple[int, str]]) -> str:
+  """(id, text) documents as the driver appends them after a round (without the closing
+  delimiter, `injection_end`: this span is what routes in the next round)."""
+  return "".join(f"[{i}]. {text}\n" for i, text in entries)
 
 
 def injection_end() -> str:

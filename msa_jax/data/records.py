@@ -2,8 +2,11 @@
 
 A record is the unit the paper trains and evaluates on: a memory (documents), a question, its answer,
 and the gold documents of each retrieval step (one step for single-hop questions; a chain for
-multi-hop, where step h+1 is retrieved with step h's documents appended). Document ids are 0-based
-indices into `documents`; the prompt format wraps document i as `[i]. text` (see `transcript.py`).
+multi-hop, where step h+1 is retrieved with step h's documents appended). `hops` hold 0-based
+indices into `documents`. The id the model reads and writes for document i is `doc_ids[i]`: by
+default i itself, but a bank numbers documents globally (MSA_REFERENCE_IMPL.md §3.1), so a record
+drawn from a larger memory, or a training record teaching the model to copy ids of any width,
+carries its own display ids (see `transcript.py` for the wrapping).
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ class Record:
   answer: str
   hops: tuple[tuple[int, ...], ...]
   task: str = ""
+  ids: tuple[int, ...] = ()
+
+  @property
+  def doc_ids(self) -> tuple[int, ...]:
+    """The display id of each document (`ids`, or 0..n-1 when not given)."""
+    return self.ids or tuple(range(len(self.documents)))
+
+  def with_ids(self, ids) -> "Record":
+    """The same record with display ids `ids` (checked like `make_record`'s)."""
+    return dataclasses.replace(self, ids=_check_ids(ids, len(self.documents), "record"))
 
   @property
   def gold_ids(self) -> tuple[int, ...]:
@@ -33,14 +46,29 @@ class Record:
     return tuple(dict.fromkeys(i for hop in self.hops for i in hop))
 
   def to_json(self) -> dict:
-    return {"documents": list(self.documents), "question": self.question, "answer": self.answer,
-            "positive_ids": [list(h) for h in self.hops], "task": self.task}
+    out = {"documents": list(self.documents), "question": self.question, "answer": self.answer,
+           "positive_ids": [list(h) for h in self.hops], "task": self.task}
+    if self.ids:
+      out["doc_ids"] = list(self.ids)
+    return out
+
+
+def _check_ids(ids, n: int, where: str) -> tuple[int, ...]:
+  ids = tuple(ids)
+  if len(ids) != n:
+    raise RecordError(f"{where}: {len(ids)} doc_ids for {n} documents")
+  if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
+    raise RecordError(f"{where}: doc_ids must be non-negative integers")
+  if len(set(ids)) != n:
+    raise RecordError(f"{where}: doc_ids repeat an id")
+  return ids
 
 
 def make_record(documents: Sequence[str], question: str, answer: str,
                 hops: Sequence[Sequence[int]] | Sequence[int], task: str = "",
-                where: str = "record") -> Record:
-  """A validated `Record`. `hops` may be a flat list of ids (one step). Errors name `where`."""
+                where: str = "record", doc_ids: Sequence[int] | None = None) -> Record:
+  """A validated `Record`. `hops` may be a flat list of indices (one step); `doc_ids` are the
+  documents' display ids (default 0..n-1). Errors name `where`."""
   if not isinstance(question, str) or not question.strip():
     raise RecordError(f"{where}: question must be a non-empty string")
   if not isinstance(answer, str):
@@ -66,4 +94,5 @@ def make_record(documents: Sequence[str], question: str, answer: str,
     steps.append(tuple(ids))
   if not steps:
     raise RecordError(f"{where}: no positive document ids")
-  return Record(tuple(documents), question, answer, tuple(steps), task)
+  ids = () if doc_ids is None else _check_ids(doc_ids, len(documents), where)
+  return Record(tuple(documents), question, answer, tuple(steps), task, ids)

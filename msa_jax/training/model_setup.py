@@ -1,9 +1,10 @@
 """Building the model a run trains: from a preset (random weights) or a converted checkpoint, with
-its parameters created or placed directly with their mesh shardings (never whole on one device)."""
+its parameters created (or placed) directly with their mesh shardings."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 
 from msa_jax import config as cfglib
 from msa_jax.api import load
+from msa_jax.checkpoint import convert
 from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.sharding import logical_shardings
@@ -39,39 +41,43 @@ class BuiltModel:
   abstract_params: object
 
 
-def _apply_overrides(spec: ModelSpec, model_cfg, msa_cfg, vocab_size: int | None):
+def model_configs(spec: ModelSpec, vocab_size: int | None):
+  """The (ModelConfig, MSAConfig) of `spec`: its preset or init_from checkpoint's, with overrides;
+  a preset's vocabulary is sized to the tokenizer (rounded up to a multiple of 64)."""
+  if spec.init_from:
+    if os.path.exists(os.path.join(spec.init_from, convert.CONFIG_FILE)):
+      _, model_cfg, msa_cfg = convert.read_meta(spec.init_from)
+    else:
+      model_cfg, msa_cfg = cfglib.from_hf_config(convert.read_hf_config(spec.init_from))
+  else:
+    model_cfg, msa_cfg = cfglib.preset(spec.preset)
   overrides = dict(spec.overrides)
   if vocab_size is not None and spec.vocab_from_tokenizer and not spec.init_from:
     overrides["vocab_size"] = round_up(vocab_size, 64)
   model_cfg = model_cfg.replace(**overrides)
   msa_cfg = msa_cfg.replace(**spec.msa_overrides).validate_for(model_cfg)
+  if vocab_size is not None and vocab_size > model_cfg.vocab_size:
+    raise cfglib.ConfigError(f"the tokenizer has {vocab_size} tokens but the model's vocab_size is "
+                             f"{model_cfg.vocab_size}")
   return model_cfg, msa_cfg
 
 
 def build_model(spec: ModelSpec, mesh, *, seed: int, vocab_size: int | None,
                 init: bool = True) -> BuiltModel:
-  """The model of `spec` with its parameters placed on `mesh` by logical axis rules.
-
-  `init=False` skips creating parameters (a resumed run restores them from its checkpoint)."""
-  loaded = None
-  if spec.init_from:
-    loaded = load(spec.init_from, scan_layers=spec.overrides.get("scan_layers"))
-    model_cfg, msa_cfg = loaded.model_config, loaded.msa_config
-  else:
-    model_cfg, msa_cfg = cfglib.preset(spec.preset)
-  model_cfg, msa_cfg = _apply_overrides(spec, model_cfg, msa_cfg, vocab_size)
-  if vocab_size is not None and vocab_size > model_cfg.vocab_size:
-    raise cfglib.ConfigError(f"the tokenizer has {vocab_size} tokens but the model's vocab_size is "
-                             f"{model_cfg.vocab_size}")
+  """The model of `spec` with its parameters placed on `mesh` by logical axis rules (a checkpoint's
+  weights pass through host memory once). `init=False` skips creating parameters (a resumed run
+  restores them from its checkpoint)."""
+  model_cfg, msa_cfg = model_configs(spec, vocab_size)
   model = MSAForCausalLM(model_cfg, msa_cfg)
   memory, prompt = dummy_batch(model_cfg, msa_cfg)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), prompt, memory))["params"]
   shardings = logical_shardings(boxed, mesh)
   abstract = nn.unbox(boxed)
   params = None
-  if init and loaded is not None:
-    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(x.dtype), s),
-                          loaded.params, shardings)
+  if init and spec.init_from:
+    loaded = load(spec.init_from, scan_layers=model_cfg.scan_layers,
+                  param_dtype=model_cfg.param_dtype)
+    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), loaded.params, shardings)
   elif init:
     make = jax.jit(lambda key: nn.unbox(model.init(key, prompt, memory))["params"],
                    out_shardings=shardings)

@@ -47,6 +47,7 @@ class DataConfig:
   min_doc_tokens: int = 16
   max_doc_tokens: int = 1024
   num_records: int = 1_000_000
+  doc_id_max: int = 0  # > 0: synthetic documents get random display ids below it
   batch_size: int = 8
   prompt_buckets: Sequence[int] = (128, 256, 512)
   max_docs: int = 64

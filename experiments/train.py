@@ -1,0 +1,49 @@
+"""Trains an MSA model: the phases of a JSON config (router warm-up, main phase, memory curriculum).
+
+  # the tiny synthetic configuration, end to end on CPU (minutes)
+  python experiments/train.py --config=experiments/configs/tiny_synthetic_smoke.json --workdir=/tmp/msa_tiny
+  # msa-4b from a converted checkpoint on a cluster (one process per host)
+  python experiments/train.py --config=experiments/configs/msa4b_sft.json --workdir=gs://... \
+      --set=model.init_from=/ckpt/qwen3-4b-msa --set=data.path=/data/train.jsonl
+
+A killed run restarted with the same --workdir resumes from its newest checkpoint. The final model is
+written to <workdir>/final (an msa_jax checkpoint), the curves to <workdir>/curves.png.
+"""
+
+from absl import app, flags
+
+import jax
+
+from msa_jax.cli import quiet_library_logs
+from msa_jax.training import data_setup
+from msa_jax.training.model_setup import model_configs
+from msa_jax.training.train_config import load_train_config
+from msa_jax.training.trainer import train
+
+_CONFIG = flags.DEFINE_string("config", None, "JSON training config file.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, final model).",
+                               required=True)
+_SET = flags.DEFINE_multi_string("set", [], "Config override key.path=value (JSON value).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() (multi-host clusters).")
+
+
+def main(argv):
+  del argv
+  quiet_library_logs()
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  cfg = load_train_config(_CONFIG.value, _SET.value)
+  tokenizer = data_setup.load_tokenizer(cfg.data)
+  data_setup.check_tokenizer(tokenizer)
+  tokenizer_file = data_setup.tokenizer_file(cfg.data, _WORKDIR.value)
+  _, msa = model_configs(cfg.model, tokenizer.vocab_size)
+  batches = data_setup.data_for_phase(cfg.data, cfg.phases, msa, tokenizer)
+  result = train(cfg, _WORKDIR.value, batches, vocab_size=tokenizer.vocab_size,
+                 tokenizer_file=tokenizer_file)
+  if result.final_dir:
+    print(f"final model: {result.final_dir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

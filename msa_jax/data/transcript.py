@@ -1,0 +1,102 @@
+"""A `Record` as training `Sample`s in MSA's generative-retrieval format (paper §3.5, Fig. 3).
+
+A record with H retrieval steps gives H + 1 single-step samples (the paper splits each multi-hop
+chain into samples that each cover one step): step h < H is conditioned on the question plus the
+documents retrieved in steps 0..h-1 and its target is the ids of step h; step H (the answer step) is
+conditioned on the whole retrieval transcript and its target is `<End-of-Retrieve>` followed by the
+final answer, with the driver's question restatement in between as context that is not predicted.
+
+Prompt of step h (MSA_REFERENCE_IMPL.md §5.3), in pieces:
+
+  template_head  `<|im_start|>user\\n`                                        memory-blind
+  question       the official instruction around the question               routes
+  template_tail  `<|im_end|>\\n<|im_start|>`
+  context        for each earlier step j < h:
+                   `[i][k]<|object_ref_end|>`    ids the model wrote         does not route
+                   `[i]. text_i\\n[k]. text_k\\n`  the documents injected      routes iff j == h-1
+                   `<|object_ref_end|>`          closes the injection        does not route
+  answer         step h < H: `[..]<|object_ref_end|>`                        target
+                 step H:     `<End-of-Retrieve>`                              target
+                             `<|im_start|>The user's question is: Q\\n<|object_ref_end|>`  injected
+                             `The answer to the question is: A<|im_end|>`     target
+
+so the router query of a step is the question plus the newest injected documents, as in the official
+re-prefill. Every piece is tokenized on its own and the ids are concatenated (the text is never
+re-tokenized as a whole), so the spans of the masks are exact for any tokenizer.
+
+Documents are the record's documents wrapped as `<|im_start|>[id]. text[id]<|im_end|>` with their
+display ids (`Record.doc_ids`, by default 0-based indices). Ids are written, and documents
+injected, in the record's hop order.
+"""
+
+from __future__ import annotations
+
+from msa_jax.data import prompt_format as pf
+from msa_jax.data.batch_builder import Sample
+from msa_jax.data.records import Record
+
+
+def num_steps(record: Record) -> int:
+  """Samples one record gives: one per retrieval step plus the answer step."""
+  return len(record.hops) + 1
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  return list(tokenizer.encode(text))
+
+
+def _context(record: Record, step: int, tokenizer) -> tuple[list[int], list[bool]]:
+  """The transcript of retrieval steps 0..step-1, and which of its tokens route (the newest
+  injected documents)."""
+  ids: list[int] = []
+  route: list[bool] = []
+  for j in range(step):
+    hop = record.hops[j]
+    entries = [(record.doc_ids[i], record.documents[i]) for i in hop]
+    pieces = ((pf.round_ids([i for i, _ in entries]), False),
+              (pf.injected_documents(entries), j == step - 1),
+              (pf.injection_end(), False))
+    for text, routes in pieces:
+      piece = _encode(tokenizer, text)
+      ids.extend(piece)
+      route.extend([routes] * len(piece))
+  return ids, route
+
+
+def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
+  """The sample of one step: 0 <= step < len(record.hops) is a retrieval step, step ==
+  len(record.hops) the answer step. `tokenizer` needs `encode(text) -> ids`."""
+  n_hops = len(record.hops)
+  if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= n_hops:
+    raise ValueError(f"step {step!r} outside [0, {n_hops}] for a record with {n_hops} retrieval "
+                     f"steps")
+  documents = [_encode(tokenizer, pf.wrap_document(i, text))
+               for i, text in zip(record.doc_ids, record.documents)]
+  context, context_route = _context(record, step, tokenizer)
+  if step < n_hops:
+    answer = _encode(tokenizer, pf.round_ids([record.doc_ids[i] for i in record.hops[step]]))
+    answer_target = [True] * len(answer)
+    positives = record.hops[step]
+  else:
+    answer, answer_target = [], []
+    for text, target in ((pf.END_OF_RETRIEVE, True),
+                         (pf.restatement(record.question), False),
+                         (pf.final_answer(record.answer), True)):
+      piece = _encode(tokenizer, text)
+      answer.extend(piece)
+      answer_target.extend([target] * len(piece))
+    positives = record.hops[-1]
+  return Sample(documents=documents,
+                template_head=_encode(tokenizer, pf.TEMPLATE_HEAD),
+                question=_encode(tokenizer, pf.question_text(record.question)),
+                template_tail=_encode(tokenizer, pf.TEMPLATE_TAIL),
+                context=context,
+                context_route=context_route,
+                answer=answer,
+                answer_target=answer_target,
+                positive_docs=list(positives))
+
+
+def record_step_samples(record: Record, tokenizer) -> list[Sample]:
+  """Every step's sample, retrieval steps first, the answer step last."""
+  return [record_step_sample(record, step, tokenizer) for step in range(num_steps(record))]

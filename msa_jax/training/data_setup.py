@@ -1,0 +1,140 @@
+"""From a run's `DataConfig` and phase to the record source, tokenizer and grain iterator it trains on.
+
+Synthetic records are generated on demand (record i is a pure function of (seed, i)), so a source
+of a million records costs nothing until read. Each phase has its own memory size (the SFT
+curriculum) and its own pipeline seed; every process reads its own shard of the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Callable
+
+import jax
+import numpy as np
+
+from msa_jax.config import MSAConfig
+from msa_jax.data import prompt_format as pf
+from msa_jax.data.datasets import JsonlRecords, OfficialRecords, read_official
+from msa_jax.data.pipeline import PipelineConfig, make_iterator
+from msa_jax.data.records import Record
+from msa_jax.data.synthetic import generate_mix, world_tokenizer
+from msa_jax.data.tokenizer import Tokenizer
+from msa_jax.training.train_config import DataConfig, PhaseConfig
+
+
+def load_tokenizer(data: DataConfig) -> Tokenizer:
+  """`world` is the synthetic world's code-built tokenizer; anything else a tokenizer.json path
+  (or a checkpoint directory holding one)."""
+  return world_tokenizer() if data.tokenizer == "world" else Tokenizer.from_file(data.tokenizer)
+
+
+def _length_fn(tokenizer: Tokenizer) -> Callable[[str], int]:
+  return lambda text: len(tokenizer.encode(text))
+
+
+_WRAPPED_ID = re.compile(r"<\|im_start\|>\[(\d+)\]")
+
+
+def _widest_id_length(length_fn: Callable[[str], int], width: int) -> Callable[[str], int]:
+  """The length a wrapped document would have with a `width`-digit id at both ends (digits are one
+  token each in the tokenizers we train with)."""
+
+  def widest(wrapped: str) -> int:
+    m = _WRAPPED_ID.match(wrapped)
+    return length_fn(wrapped) + (2 * max(width - len(m.group(1)), 0) if m else 0)
+
+  return widest
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticRecords:
+  """Record i of a synthetic task mix, generated on access. With `doc_id_max` > 0 the documents get
+  distinct random display ids below it (drawn from (seed, i)), so the model learns to copy ids
+  of any width as a large bank would number them, not just 0..n-1."""
+
+  tasks: tuple[tuple[str, float], ...]
+  seed: int
+  num_records: int
+  memory_tokens: int
+  min_doc_tokens: int
+  max_doc_tokens: int
+  max_docs: int
+  length_fn: Callable[[str], int]
+  doc_id_max: int = 0
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, index: int) -> Record:
+    if not 0 <= index < self.num_records:
+      raise IndexError(f"record {index} out of range for {self.num_records} records")
+    length_fn = self.length_fn
+    if self.doc_id_max:  # budget every document for the widest id it may get
+      length_fn = _widest_id_length(self.length_fn, len(str(self.doc_id_max - 1)))
+    record = generate_mix(dict(self.tasks), self.seed, index,
+                          memory_tokens=self.memory_tokens, length_fn=length_fn,
+                          min_doc_tokens=self.min_doc_tokens, max_doc_tokens=self.max_doc_tokens,
+                          max_docs=self.max_docs)
+    if not self.doc_id_max:
+      return record
+    rng = np.random.default_rng([self.seed, index, 1])
+    ids = rng.choice(self.doc_id_max, size=len(record.documents), replace=False)
+    return record.with_ids(int(i) for i in ids)
+
+
+def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *, seed: int,
+                  memory_tokens: int | None = None):
+  """The random-access records of `phase` (its memory size unless `memory_tokens` is given)."""
+  memory_tokens = memory_tokens or phase.memory_tokens
+  if data.source == "synthetic":
+    return SyntheticRecords(tuple(sorted(data.tasks.items())), seed, data.num_records,
+                            memory_tokens, data.min_doc_tokens, data.max_doc_tokens,
+                            data.max_docs, _length_fn(tokenizer), data.doc_id_max)
+  if data.source == "jsonl":
+    return JsonlRecords(data.path)
+  bench = read_official(data.memory_path, data.queries_path, allow_pickle=data.allow_pickle)
+  return OfficialRecords(bench, memory_tokens=memory_tokens, length_fn=_length_fn(tokenizer),
+                         seed=seed, max_docs=data.max_docs)
+
+
+def pipeline_config(data: DataConfig, phase: PhaseConfig, msa: MSAConfig, *, seed: int
+                    ) -> PipelineConfig:
+  """This process's share of the global batch, over its shard of the records."""
+  processes = jax.process_count()
+  if data.batch_size % processes:
+    raise ValueError(f"data.batch_size {data.batch_size} does not split over {processes} processes")
+  return PipelineConfig(batch_size=data.batch_size // processes, mem_buckets=phase.buckets,
+                        prompt_buckets=tuple(data.prompt_buckets), max_docs=data.max_docs,
+                        chunk_size=msa.chunk_size, question_position=msa.question_position,
+                        seed=seed, worker_count=data.worker_count,
+                        shard_index=jax.process_index(), shard_count=processes)
+
+
+def data_for_phase(data: DataConfig, phases, msa: MSAConfig, tokenizer: Tokenizer):
+  """`index -> iterator` for the trainer: phase i reads records seeded by data.seed + i."""
+
+  def make(index: int):
+    phase = phases[index]
+    seed = data.seed + index
+    source = record_source(data, phase, tokenizer, seed=seed)
+    return make_iterator(source, tokenizer, pipeline_config(data, phase, msa, seed=seed))
+
+  return make
+
+
+def check_tokenizer(tokenizer: Tokenizer) -> None:
+  """The tokenizer must know MSA's special tokens, `<End-of-Retrieve>` included."""
+  tokenizer.require_msa_tokens()
+  tokenizer.token_id(pf.END_OF_RETRIEVE)
+
+
+def tokenizer_file(data: DataConfig, workdir: str) -> str:
+  """A tokenizer.json for the exported model (the world tokenizer is written into the workdir)."""
+  if data.tokenizer != "world":
+    path = data.tokenizer
+    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+  from msa_jax.data.synthetic import save_world_tokenizer
+  return save_world_tokenizer(os.path.join(workdir, "tokenizer.json"))

@@ -1,0 +1,272 @@
+"""Synthetic memory tasks and the world tokenizer: determinism, well-formed records, memory budgets,
+exact tokenizer round trips."""
+
+import os
+import re
+import time
+
+import pytest
+
+from msa_jax.data import prompt_format as pf
+from msa_jax.data.records import Record
+from msa_jax.data.synthetic import (TASKS, build_world_tokenizer, count_tokens, default_length_fn,
+                                    generate, generate_mix, pick_task, save_world_tokenizer,
+                                    world_tokenizer)
+from msa_jax.data.synthetic import world
+from msa_jax.data.tokenizer import Tokenizer
+
+TOK = world_tokenizer()
+MEMORY = 3000
+SMALL = dict(memory_tokens=MEMORY, min_doc_tokens=16, max_doc_tokens=200)
+NEEDLE_RE = re.compile(r"The special magic number for (\w+ \w+) is: (\d+)\.")
+
+
+def n_tokens(text):
+  return len(TOK.encode(text))
+
+
+def wrapped_total(record):
+  return sum(n_tokens(pf.wrap_document(i, d)) for i, d in enumerate(record.documents))
+
+
+def subject(doc):
+  """The entity a fact card is about (its leading `First Last.`)."""
+  m = re.match(r"(\w+ \w+)\.", doc)
+  return m.group(1) if m else None
+
+
+def check_memory(record, memory_tokens, max_doc_tokens, min_doc_tokens=16):
+  total = wrapped_total(record)
+  assert total <= memory_tokens
+  # filled: the first distractor that did not fit is at most a max-length document
+  assert total > memory_tokens - (max_doc_tokens + 20)
+  for d in record.documents:
+    assert min_doc_tokens <= n_tokens(d) <= max_doc_tokens, d
+
+
+# --- determinism ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_same_seed_and_index_give_the_same_record(task):
+  a = generate(task, 3, 7, **SMALL)
+  generate(task, 3, 8, **SMALL)  # other records in between change nothing
+  assert generate(task, 3, 7, **SMALL) == a
+  assert isinstance(a, Record) and a.task == task
+  assert generate(task, 3, 8, **SMALL) != a
+  assert generate(task, 4, 7, **SMALL) != a
+
+
+def test_bad_seed_and_unknown_task_are_errors():
+  with pytest.raises(ValueError, match="seed must be a non-negative int"):
+    generate("fact_lookup", -1, 0)
+  with pytest.raises(ValueError, match="unknown synthetic task 'nope'"):
+    generate("nope", 0, 0)
+
+
+# --- well-formedness ------------------------------------------------------------------------------
+
+def test_fact_lookup_records():
+  for index in range(12):
+    r = generate("fact_lookup", 0, index, **SMALL)
+    check_memory(r, MEMORY, 200)
+    m = re.fullmatch(r"What is the ([a-z ]+) of (\w+ \w+)\?", r.question)
+    attr, name = m.groups()
+    assert attr in world.ATTRIBUTES and r.answer in world.ATTRIBUTES[attr]
+    assert len(r.hops) == 1 and len(r.hops[0]) == 1
+    gold = r.documents[r.hops[0][0]]
+    assert subject(gold) == name and f" {attr}: {r.answer}." in gold
+    others = [d for i, d in enumerate(r.documents) if i != r.hops[0][0]]
+    assert others and all(subject(d) != name and name not in d for d in others)
+    subjects = [subject(d) for d in r.documents]
+    assert None not in subjects and len(set(subjects)) == len(subjects)  # distinct entities
+    n_attrs = [gold.count(": ") for gold in r.documents]
+    assert max(n_attrs) <= 5
+  assert len({generate("fact_lookup", 0, i, **SMALL).hops[0][0] for i in range(12)}) > 3
+
+
+def test_fact_lookup_short_cards_keep_the_asked_attribute():
+  r = generate("fact_lookup", 1, 2, memory_tokens=600, min_doc_tokens=16, max_doc_tokens=16)
+  assert all(n_tokens(d) == 16 for d in r.documents)
+  attr, name = re.fullmatch(r"What is the ([a-z ]+) of (\w+ \w+)\?", r.question).groups()
+  assert f" {attr}: {r.answer}." in r.documents[r.hops[0][0]]
+  assert wrapped_total(r) <= 600 and len(r.documents) > 15
+
+
+def test_multi_hop_records():
+  seen_hops = set()
+  for index in range(24):
+    r = generate("multi_hop", 0, index, **SMALL)
+    check_memory(r, MEMORY, 200)
+    seen_hops.add(len(r.hops))
+    assert 2 <= len(r.hops) <= 4 and all(len(h) == 1 for h in r.hops)
+    parts = r.question[len("What is the "):-1].split(" of ")
+    attr, relations, e0 = parts[0], [p[len("the "):] for p in parts[1:-1]][::-1], parts[-1]
+    assert attr in world.ATTRIBUTES and len(relations) == len(r.hops) - 1
+    chain_docs = [r.documents[h[0]] for h in r.hops]
+    chain = [subject(d) for d in chain_docs]
+    assert chain[0] == e0 and len(set(chain)) == len(chain)
+    for j, rel in enumerate(relations):  # each hop's document names the next entity
+      assert f" {rel}: {chain[j + 1]}." in chain_docs[j]
+      assert chain_docs[j].count(f" {rel}: ") == 1
+    assert f" {attr}: {r.answer}." in chain_docs[-1]
+    gold_ids = {h[0] for h in r.hops}
+    for i, d in enumerate(r.documents):
+      if i not in gold_ids:
+        assert subject(d) not in chain and not any(e in d for e in chain)
+  assert seen_hops == {2, 3, 4}
+  assert len(generate("multi_hop", 0, 0, num_hops=4, **SMALL).hops) == 4
+
+
+def _needles(doc):
+  return NEEDLE_RE.findall(doc)
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multi_key", "niah_multi_value",
+                                  "niah_multi_query"])
+def test_niah_records(task):
+  for index in range(6):
+    r = generate(task, 0, index, **SMALL)
+    check_memory(r, MEMORY, 200)
+    assert len(r.hops) == 1 and list(r.hops[0]) == sorted(r.hops[0])
+    gold = r.hops[0]
+    listed = r.question[r.question.index(" for ") + 5:r.question.index(" mentioned")]
+    keys = re.split(r", | and ", listed)
+    needles = {i: _needles(d) for i, d in enumerate(r.documents)}
+    assert all(len(needles[g]) == 1 and needles[g][0][0] in keys for g in gold)
+    for i, d in enumerate(r.documents):  # asked keys appear only in gold documents
+      if i not in gold:
+        assert not any(k in d for k in keys)
+    values = [needles[g][0][1] for g in gold]
+    assert all(4 <= len(v) <= 7 and v[0] != "0" for v in values)
+    all_needles = [n for i in sorted(needles) for n in needles[i]]
+    if task == "niah_single":
+      assert len(gold) == 1 and len(all_needles) == 1 and r.answer == values[0]
+      assert r.question.startswith("What is the special magic number for ")
+    elif task == "niah_multi_key":
+      assert len(gold) == 1 and r.answer == values[0] and len(keys) == 1
+      assert len(all_needles) == 4 and len({k for k, _ in all_needles}) == 4
+    elif task == "niah_multi_value":
+      assert len(keys) == 1 and len(gold) == 4 == len(all_needles)
+      assert r.answer == ", ".join(values)  # in document order
+    else:
+      assert len(keys) == len(gold) == 4 == len(all_needles)
+      by_key = dict(all_needles)
+      assert r.answer == ", ".join(by_key[k] for k in keys)  # in the question's order
+  assert len({generate(task, 0, i, **SMALL).hops for i in range(6)}) > 1
+
+
+def test_memory_budget_errors_and_caps():
+  with pytest.raises(ValueError, match="gold/required documents take .* memory_tokens=40"):
+    generate("niah_multi_value", 0, 0, memory_tokens=40)
+  with pytest.raises(ValueError, match="max_doc_tokens=11 is below the 12 tokens"):
+    generate("fact_lookup", 0, 0, min_doc_tokens=4, max_doc_tokens=11)
+  with pytest.raises(ValueError, match="max_doc_tokens=17 is below the 18 tokens"):
+    generate("niah_single", 0, 0, max_doc_tokens=17)
+  with pytest.raises(ValueError, match="max_docs=2"):
+    generate("multi_hop", 0, 0, num_hops=3, max_docs=2)
+  r = generate("fact_lookup", 0, 0, memory_tokens=50_000, max_docs=5)
+  assert len(r.documents) == 5
+  # gold documents are kept within an even share of a small memory, so this never raises
+  for i in range(20):
+    assert wrapped_total(generate("niah_multi_query", 0, i, memory_tokens=700)) <= 700
+
+
+def test_custom_length_fn_is_respected():
+  chars = lambda wrapped: len(wrapped)  # e.g. a budget in characters
+  r = generate("fact_lookup", 0, 1, memory_tokens=5000, length_fn=chars, max_doc_tokens=100)
+  total = sum(len(pf.wrap_document(i, d)) for i, d in enumerate(r.documents))
+  assert total <= 5000 and len(r.documents) > 5
+
+
+def test_default_length_fn_matches_the_tokenizer():
+  fn = default_length_fn()
+  for task in TASKS:
+    r = generate(task, 2, 0, **SMALL)
+    for i, d in enumerate(r.documents):
+      w = pf.wrap_document(i, d)
+      assert fn(w) == n_tokens(w) == count_tokens(d) + 7 + 2 * len(str(i))
+
+
+def test_64k_record_is_fast():
+  generate("fact_lookup", 0, 0, memory_tokens=4096)  # warm caches
+  t0 = time.perf_counter()
+  r = generate("fact_lookup", 0, 1, memory_tokens=65536)
+  elapsed = time.perf_counter() - t0
+  assert wrapped_total(r) <= 65536 and len(r.documents) > 60
+  assert elapsed < 1.0, elapsed
+
+
+# --- mixes ----------------------------------------------------------------------------------------
+
+def test_generate_mix():
+  weights = {"fact_lookup": 2.0, "multi_hop": 1.0, "niah_single": 1.0, "niah_multi_key": 0.0}
+  picks = [pick_task(weights, 5, i) for i in range(400)]
+  assert picks == [pick_task(dict(reversed(weights.items())), 5, i) for i in range(400)]
+  assert "niah_multi_key" not in picks
+  assert 150 < picks.count("fact_lookup") < 250 and picks.count("multi_hop") > 60
+  for i in range(4):
+    r = generate_mix(weights, 5, i, num_hops=2, **SMALL)  # num_hops goes to multi_hop only
+    assert r.task == picks[i] and r == generate(picks[i], 5, i, **(
+        dict(SMALL, num_hops=2) if picks[i] == "multi_hop" else SMALL))
+  with pytest.raises(TypeError, match="num_values"):
+    generate_mix(weights, 5, 0, num_values=3)
+  with pytest.raises(ValueError, match="unknown synthetic task"):
+    pick_task({"bogus": 1.0}, 0, 0)
+  with pytest.raises(ValueError, match="positive sum"):
+    pick_task({"fact_lookup": 0.0}, 0, 0)
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+def _prompt_strings(record):
+  ids = list(record.gold_ids)
+  return [pf.question_text(record.question), pf.restatement(record.question),
+          pf.round_ids(ids), pf.injected_documents([(i, record.documents[i]) for i in ids]),
+          pf.injection_end(),
+          pf.final_answer(record.answer), pf.TEMPLATE_HEAD, pf.TEMPLATE_TAIL, pf.ANSWER_PREFIX,
+          pf.END_OF_RETRIEVE, pf.TEMPLATE_HEAD + pf.question_text(record.question) +
+          pf.TEMPLATE_TAIL + pf.round_ids(ids) + pf.END_OF_RETRIEVE]
+
+
+def test_tokenizer_round_trips_everything_generated():
+  unk = TOK._tok.token_to_id("<unk>")
+  for task in TASKS:
+    for index in range(3):
+      r = generate(task, 9, index, **SMALL)
+      texts = [pf.wrap_document(i, d) for i, d in enumerate(r.documents)]
+      texts += list(r.documents) + [r.question, r.answer] + _prompt_strings(r)
+      for text in texts:
+        ids = TOK.encode(text)
+        assert unk not in ids, text
+        assert TOK.decode(ids) == text
+
+
+def test_tokenizer_special_tokens_digits_and_size():
+  assert TOK.vocab_size < 1024
+  assert len(TOK.encode(pf.TEMPLATE_HEAD)) == 3
+  TOK.require_msa_tokens()
+  end = TOK.token_id(pf.END_OF_RETRIEVE)
+  assert TOK.encode(pf.END_OF_RETRIEVE) == [end]
+  assert TOK.encode(pf.round_ids([3])) == TOK.encode("[3]") + [TOK.object_ref_end_id]
+  assert len(TOK.encode("[123]")) == 5 and len(TOK.encode("9081726")) == 7
+  assert TOK.decode(TOK.encode("[123]")) == "[123]"
+  assert TOK.pad_id == TOK.token_id("<|endoftext|>")
+  assert TOK.decode(TOK.encode("<|im_start|>user\nhi"), skip_special_tokens=True) == "user\n<unk>"
+  # every word of the world is one token, with and without its leading space where needed
+  for w in world.all_words():
+    assert len(TOK.encode(" " + w)) == 1
+  for w in world.bare_words():
+    assert len(TOK.encode(w)) == 1
+  assert build_world_tokenizer().get_vocab() == TOK._tok.get_vocab()  # built deterministically
+
+
+def test_save_and_load_world_tokenizer(tmp_path):
+  path = save_world_tokenizer(str(tmp_path))
+  assert path == str(tmp_path / "tokenizer.json") and os.listdir(tmp_path) == ["tokenizer.json"]
+  loaded = Tokenizer.from_file(str(tmp_path))
+  other = Tokenizer.from_file(save_world_tokenizer(str(tmp_path / "sub" / "tok.json")))
+  r = generate("multi_hop", 1, 1, **SMALL)
+  text = pf.TEMPLATE_HEAD + "".join(pf.wrap_document(i, d) for i, d in enumerate(r.documents))
+  assert loaded.encode(text) == TOK.encode(text) == other.encode(text)
+  assert loaded.decode(loaded.encode(text)) == text
+  assert loaded.vocab_size == TOK.vocab_size

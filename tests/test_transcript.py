@@ -1,0 +1,163 @@
+"""Record -> single-step training samples in MSA's generative-retrieval transcript format."""
+
+import numpy as np
+import pytest
+
+from msa_jax.data.batch_builder import build_batch
+from msa_jax.data.records import make_record
+from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
+from msa_jax.data.transcript import num_steps, record_step_sample, record_step_samples
+
+DOCS = ("Bill Watts (born May 5, 1939) is a promoter.",
+        "The Eiffel Tower is in Paris.",
+        "Erik Watts is the son of Bill Watts.")
+QUESTION = "When was Erik Watts' father born?"
+ANSWER = "May 5, 1939"
+
+# The prompt text of each step, written out by hand (MSA_REFERENCE_IMPL.md §5.3, paper Fig. 3).
+HEAD = "<|im_start|>user\n"
+PROMPT = ("\nPlease answer the question based on the above historical document information\n\n"
+          "When was Erik Watts' father born?\n"
+          "Please return all documents related to the question\n")
+TAIL = "<|im_end|>\n<|im_start|>"
+ROUND0 = "[2]<|object_ref_end|>"
+INJECT0 = "[2]. Erik Watts is the son of Bill Watts.\n"
+ROUND1 = "[0]<|object_ref_end|>"
+INJECT1 = "[0]. Bill Watts (born May 5, 1939) is a promoter.\n"
+END = "<|object_ref_end|>"
+RESTATE = ("<|im_start|>The user's question is: When was Erik Watts' father born?\n"
+           "<|object_ref_end|>")
+FINAL = "The answer to the question is: May 5, 1939<|im_end|>"
+EXPECTED_PROMPTS = [
+    HEAD + PROMPT + TAIL + ROUND0,
+    HEAD + PROMPT + TAIL + ROUND0 + INJECT0 + END + ROUND1,
+    HEAD + PROMPT + TAIL + ROUND0 + INJECT0 + END + ROUND1 + INJECT1 + END
+    + "<End-of-Retrieve>" + RESTATE + FINAL,
+]
+EXPECTED_TARGETS = [ROUND0, ROUND1, "<End-of-Retrieve>" + FINAL]
+EXPECTED_ROUTED_CONTEXT = ["", INJECT0, INJECT1]
+EXPECTED_POSITIVES = [[2], [0], [0]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return Tokenizer(build_byte_tokenizer(extra_special_tokens=("<End-of-Retrieve>",)))
+
+
+@pytest.fixture(scope="module")
+def record():
+  return make_record(DOCS, QUESTION, ANSWER, [[2], [0]], task="multi_hop")
+
+
+def _prompt_ids(s):
+  return (list(s.template_head) + list(s.question) + list(s.template_tail) + list(s.context) +
+          list(s.answer))
+
+
+def _build(samples, tok):
+  return build_batch(samples, seq_len_mem=256, seq_len_prompt=512, max_docs=4, chunk_size=16,
+                     question_position=8, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+
+
+def test_num_steps(record):
+  assert num_steps(record) == 3
+  assert num_steps(make_record(DOCS, QUESTION, ANSWER, [1])) == 2
+
+
+def test_prompt_text_of_every_step_is_exact(record, tok):
+  samples = record_step_samples(record, tok)
+  assert len(samples) == 3
+  for step, sample in enumerate(samples):
+    assert tok.decode(_prompt_ids(sample)) == EXPECTED_PROMPTS[step], step
+
+
+def test_documents_are_wrapped_with_zero_based_ids(record, tok):
+  sample = record_step_sample(record, 0, tok)
+  assert [tok.decode(d) for d in sample.documents] == [
+      f"<|im_start|>[{i}]. {text}[{i}]<|im_end|>" for i, text in enumerate(DOCS)]
+  # Every step of a record shares the same memory.
+  for s in record_step_samples(record, tok):
+    assert [list(d) for d in s.documents] == [list(d) for d in sample.documents]
+
+
+def test_pieces(record, tok):
+  s = record_step_sample(record, 2, tok)
+  assert tok.decode(s.template_head) == HEAD
+  assert tok.decode(s.question) == PROMPT
+  assert tok.decode(s.template_tail) == TAIL
+  assert tok.decode(s.answer) == "<End-of-Retrieve>" + RESTATE + FINAL
+  assert len(s.answer_target) == len(s.answer)
+  assert len(s.context_route) == len(s.context)
+
+
+def test_route_mask_covers_exactly_the_newest_injected_documents(record, tok):
+  samples = record_step_samples(record, tok)
+  _, prompt = _build(samples, tok)
+  for step, s in enumerate(samples):
+    tokens, route = prompt.tokens[step], prompt.route_mask[step]
+    routed = np.flatnonzero(route)
+    q0 = len(s.template_head)
+    n_question = len(s.question)
+    np.testing.assert_array_equal(routed[:n_question], np.arange(q0, q0 + n_question))
+    assert tok.decode(tokens[routed[:n_question]]) == PROMPT
+    rest = routed[n_question:]
+    assert tok.decode(tokens[rest]) == EXPECTED_ROUTED_CONTEXT[step]
+    if rest.size:  # one contiguous span, inside the context
+      np.testing.assert_array_equal(rest, np.arange(rest[0], rest[0] + rest.size))
+      context_start = q0 + n_question + len(s.template_tail)
+      assert context_start <= rest[0] and rest[-1] < context_start + len(s.context)
+
+
+def test_step1_routes_hop0_injection(record, tok):
+  s = record_step_sample(record, 1, tok)
+  routed = [t for t, r in zip(s.context, s.context_route) if r]
+  assert tok.decode(routed) == INJECT0
+  assert tok.decode(s.context) == ROUND0 + INJECT0 + END
+
+
+def test_labels_only_on_targets_and_restatement_unlabelled(record, tok):
+  samples = record_step_samples(record, tok)
+  _, prompt = _build(samples, tok)
+  for step, s in enumerate(samples):
+    tokens, labels = prompt.tokens[step], prompt.labels[step]
+    where = np.flatnonzero(labels != -1)
+    np.testing.assert_array_equal(labels[where], tokens[where + 1])  # shifted next tokens
+    assert tok.decode(labels[where]) == EXPECTED_TARGETS[step]
+    # Nothing before the answer is a target.
+    answer_start = s.prompt_len - len(s.answer)
+    assert where.min() == answer_start - 1
+  # The answer step: the tokens predicting the restatement carry -1.
+  s = samples[2]
+  answer_start = s.prompt_len - len(s.answer)
+  n_eor = len(tok.encode("<End-of-Retrieve>"))
+  n_restate = len(tok.encode(RESTATE))
+  restate_positions = np.arange(answer_start + n_eor, answer_start + n_eor + n_restate)
+  assert tok.decode(prompt.tokens[2][restate_positions]) == RESTATE
+  assert (prompt.labels[2][restate_positions - 1] == -1).all()
+  # ... but the last restatement token predicts the first answer token.
+  assert prompt.labels[2][restate_positions[-1]] == prompt.tokens[2][restate_positions[-1] + 1]
+
+
+def test_positives_per_step(record, tok):
+  samples = record_step_samples(record, tok)
+  assert [list(s.positive_docs) for s in samples] == EXPECTED_POSITIVES
+  _, prompt = _build(samples, tok)
+  np.testing.assert_array_equal(prompt.doc_labels, [[0, 0, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+
+
+def test_multi_id_round_and_single_hop(tok):
+  rec = make_record(DOCS, "Where is the tower?", "Paris", [[1, 0]])
+  s0, s1 = record_step_samples(rec, tok)
+  assert tok.decode(s0.answer) == "[1][0]<|object_ref_end|>"
+  assert list(s0.context) == [] and list(s0.positive_docs) == [1, 0]
+  assert tok.decode(s1.context) == ("[1][0]<|object_ref_end|>[1]. The Eiffel Tower is in Paris.\n"
+                                    f"[0]. {DOCS[0]}\n<|object_ref_end|>")
+  routed = [t for t, r in zip(s1.context, s1.context_route) if r]
+  assert tok.decode(routed) == f"[1]. The Eiffel Tower is in Paris.\n[0]. {DOCS[0]}\n"
+  assert list(s1.positive_docs) == [1, 0]
+
+
+def test_bad_step(record, tok):
+  for step in (-1, 3, True):
+    with pytest.raises(ValueError, match="step"):
+      record_step_sample(record, step, tok)
