@@ -44,10 +44,13 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   scan_layers: bool = False
   remat_policy: str = "none"
+  # Tile edge of the blockwise segment attention: large tiles suit small models on GPUs (fewer,
+  # bigger kernels), 512 keeps a tile's scores small for wide models.
+  attention_block: int = 512
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
+                 "num_kv_heads", "head_dim", "attention_block"):
       if int(getattr(self, name)) <= 0:
         raise ConfigError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:

@@ -49,8 +49,9 @@ class MSADecoderLayer(nn.Module):
   collect: tuple[str, ...] = ()
 
   def _attend(self, q, k, v, q_seg, q_idx, kv_seg, kv_idx):
+    block = self.config.attention_block
     return segment_attention(q, k, v, q_seg, q_idx, kv_seg, kv_idx,
-                             implementation=self.attention_impl)
+                             implementation=self.attention_impl, block_q=block, block_kv=block)
 
   @nn.compact
   def __call__(self, streams, memory, prompt, layer_memory: LayerMemory | None):

@@ -115,7 +115,7 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
   details = []
   for start in range(0, len(records), batch_size):
     chunk = list(records[start:start + batch_size])
-    retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer), answer=[])
+    retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer), answer=[], answer_target=[])
                 for r in chunk]
     view = decoder.encode(retrieve)
     written, out = decoder.generate(view, retrieve, ref_end)
@@ -125,7 +125,7 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
       labels[b, list(s.positive_docs)] = 1
     recalls = {}
     for n in RECALL_AT:
-      per = router_recall(out.doc_scores, out.doc_present, jnp.asarray(labels), ks=(n,),
+      per = router_recall(out.doc_scores, out.doc_present, jnp.asarray(labels), ns=(n,),
                           per_sample=True)[f"recall@{n}"]
       recalls[n] = np.asarray(per)  # [L, B]
     answers, _ = decoder.generate(view, [_answer_prefix_sample(r, tokenizer) for r in chunk],
@@ -148,3 +148,10 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
   summary = {k: float(np.mean([r[k] for r in details])) for k in keys}
   summary["records"] = len(details)
   return {"summary": summary, "records": details}
+
+
+def format_summary(summary: dict) -> str:
+  """A two-column table of the summary metrics."""
+  width = max(len(k) for k in summary)
+  return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                   for k, v in sorted(summary.items()))

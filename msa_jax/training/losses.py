@@ -160,8 +160,10 @@ def aux_loss(doc_scores: jax.Array, doc_present: jax.Array, doc_labels: jax.Arra
 
 
 def router_recall(doc_scores: jax.Array, doc_present: jax.Array, doc_labels: jax.Array,
-                  ns: Sequence[int] = RECALL_AT) -> dict[str, jax.Array]:
-  """Per router layer recall@n = |top-n present docs ∩ positives| / min(#pos, n), f32[L] each.
+                  ns: Sequence[int] = RECALL_AT, per_sample: bool = False
+                  ) -> dict[str, jax.Array]:
+  """Per router layer recall@n = |top-n present docs ∩ positives| / min(#pos, n), f32[L] each
+  (f32[L, B] with `per_sample`, 0 for a sample without positives).
 
   Averaged over the samples with at least one present positive (0 if there is none). The official
   code divides by min(#pos, 10) for every n, clips n to the row's doc count and names the key by
@@ -179,8 +181,9 @@ def router_recall(doc_scores: jax.Array, doc_present: jax.Array, doc_labels: jax
   samples = jnp.maximum(jnp.sum(valid, axis=-1), 1)
   out = {}
   for n in ns:
-    recall = hits[..., min(n, k) - 1] / jnp.maximum(jnp.minimum(num_pos, n), 1.0)
-    out[f"recall@{n}"] = jnp.sum(jnp.where(valid, recall, 0.0), axis=-1) / samples
+    recall = jnp.where(valid, hits[..., min(n, k) - 1] / jnp.maximum(jnp.minimum(num_pos, n), 1.0),
+                       0.0)
+    out[f"recall@{n}"] = recall if per_sample else jnp.sum(recall, axis=-1) / samples
   return out
 
 

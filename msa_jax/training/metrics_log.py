@@ -51,12 +51,15 @@ class MetricsLog:
     self._run_start_step = start_step
     self._run_start = self._window_start
 
-  def record(self, step: int, phase: str, metrics: Mapping[str, Any], tokens: int) -> None:
+  def record(self, step: int, phase: str, metrics: Mapping[str, Any], tokens: int, *,
+             flush: bool = False) -> None:
     """Adds one finished step (`step` = steps done so far; metrics may be device scalars, fetched
-    at the flush); flushes every `every` steps."""
+    at the flush); flushes every `every` steps, and where `flush` (a phase end or a checkpoint:
+    a window then never mixes phases, and a run resumed from a checkpoint starts a new window
+    exactly where the uninterrupted run did)."""
     self._pending.append(metrics)
     self._tokens += tokens
-    if step % self.every == 0 or step == self.total_steps:
+    if flush or step % self.every == 0 or step == self.total_steps:
       self._flush(step, phase)
 
   def _flush(self, step: int, phase: str) -> None:

@@ -191,16 +191,20 @@ def apply_overrides(d: dict[str, Any], overrides: Sequence[str]) -> dict[str, An
     path, value = item.split("=", 1)
     keys = path.split(".")
     node = d
-    for k in keys[:-1]:
+    try:
+      for k in keys[:-1]:
+        if isinstance(node, list):
+          node = node[int(k)]
+        else:
+          node = node.setdefault(k, {})
+      last = keys[-1]
       if isinstance(node, list):
-        node = node[int(k)]
+        node[int(last)] = _parse_value(value)
       else:
-        node = node.setdefault(k, {})
-    last = keys[-1]
-    if isinstance(node, list):
-      node[int(last)] = _parse_value(value)
-    else:
-      node[last] = _parse_value(value)
+        node[last] = _parse_value(value)
+    except (IndexError, ValueError, TypeError, AttributeError) as e:
+      raise TrainConfigError(f"override {item!r}: {path} is not a field of the config "
+                             f"({type(e).__name__}: {e})") from None
   return d
 
 

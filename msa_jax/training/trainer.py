@@ -62,6 +62,8 @@ def resolve_mesh_shape(shape, device_count: int) -> tuple[int, ...]:
   shape = list(shape)
   if shape.count(-1) > 1:
     raise ValueError(f"mesh {shape}: at most one axis may be -1")
+  if any(s <= 0 and s != -1 for s in shape):
+    raise ValueError(f"mesh {shape}: axis sizes must be positive (or one -1)")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if device_count % known:
@@ -156,9 +158,10 @@ def train(cfg: TrainConfig, workdir: str,
     state, metrics = step_fn(state, *_to_global((memory, prompt), mesh))
     step += 1
     metrics["lr"] = schedule(phase_step)
-    log.record(step, phase.name, metrics, tokens)
     phase_end = step == cfg.phase_start(index + 1)
-    if step % cfg.checkpoint_every == 0 or phase_end:
+    save = step % cfg.checkpoint_every == 0 or phase_end
+    log.record(step, phase.name, metrics, tokens, flush=save)
+    if save:
       ckpts.save(step, state, {"phase": index, "iterator": batches.get_state()})
     if stop_after is not None and step >= stop_after:
       ckpts.close()
