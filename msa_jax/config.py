@@ -40,6 +40,10 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
   initializer_range: float = 0.02
+  # Std of the token embedding at init (None: initializer_range). A model trained from scratch
+  # needs token identity to dominate the residual stream at init, or upper-layer router keys and
+  # queries carry no token information to match; 1.0 does that (the tiny synthetic model uses it).
+  embedding_init_std: float | None = None
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
   scan_layers: bool = False

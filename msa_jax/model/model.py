@@ -66,8 +66,9 @@ class MSAForCausalLM(nn.Module):
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, dtype=dtype_of(c.compute_dtype),
         param_dtype=dtype_of(c.param_dtype),
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
-                                                    ("vocab", "embed")))
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(c.initializer_range if c.embedding_init_std is None
+                                   else c.embedding_init_std), ("vocab", "embed")))
     layer_cls = MSADecoderLayer
     if c.remat_policy != "none":
       layer_cls = nn.remat(MSADecoderLayer, policy=_REMAT_POLICIES[c.remat_policy],
