@@ -3,7 +3,6 @@ exact tokenizer round trips."""
 
 import os
 import re
-import time
 
 import pytest
 
@@ -187,13 +186,9 @@ def test_default_length_fn_matches_the_tokenizer():
       assert fn(w) == n_tokens(w) == count_tokens(d) + 7 + 2 * len(str(i))
 
 
-def test_64k_record_is_fast():
-  generate("fact_lookup", 0, 0, memory_tokens=4096)  # warm caches
-  t0 = time.perf_counter()
+def test_64k_record_fills_its_memory():
   r = generate("fact_lookup", 0, 1, memory_tokens=65536)
-  elapsed = time.perf_counter() - t0
-  assert wrapped_total(r) <= 65536 and len(r.documents) > 60
-  assert elapsed < 1.0, elapsed
+  assert 0.95 * 65536 <= wrapped_total(r) <= 65536 and len(r.documents) > 60
 
 
 # --- mixes ----------------------------------------------------------------------------------------
