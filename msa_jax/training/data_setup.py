@@ -85,10 +85,9 @@ class SyntheticRecords:
     return record.with_ids(int(i) for i in ids)
 
 
-def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *, seed: int,
-                  memory_tokens: int | None = None):
-  """The random-access records of `phase` (its memory size unless `memory_tokens` is given)."""
-  memory_tokens = memory_tokens or phase.memory_tokens
+def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *, seed: int):
+  """The random-access records of `phase`, sized to its memory."""
+  memory_tokens = phase.memory_tokens
   if data.source == "synthetic":
     return SyntheticRecords(tuple(sorted(data.tasks.items())), seed, data.num_records,
                             memory_tokens, data.min_doc_tokens, data.max_doc_tokens,

@@ -115,8 +115,8 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
   details = []
   for start in range(0, len(records), batch_size):
     chunk = list(records[start:start + batch_size])
-    retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer), answer=[], answer_target=[])
-                for r in chunk]
+    retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer), answer=[],
+                                    answer_target=[]) for r in chunk]
     view = decoder.encode(retrieve)
     written, out = decoder.generate(view, retrieve, ref_end)
     d = out.doc_scores.shape[-1]
