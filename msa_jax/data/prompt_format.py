@@ -12,6 +12,7 @@ module so the three can never disagree.
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 END_OF_RETRIEVE = "<End-of-Retrieve>"
@@ -21,6 +22,8 @@ ANSWER_PREFIX = "The answer to the question is: "
 _QUESTION = ("\nPlease answer the question based on the above historical document information\n\n"
              "{question}\nPlease return all documents related to the question\n")
 _RESTATEMENT = "<|im_start|>The user's question is: {question}\n<|object_ref_end|>"
+_ID = re.compile(r"\[(\d+)\]")
+_ANSWER_END = ("<|im_end|>", "<|endoftext|>")
 
 
 def wrap_document(doc_id: int, text: str) -> str:
@@ -57,3 +60,17 @@ def restatement(question: str) -> str:
 def final_answer(answer: str) -> str:
   """The model's closing line."""
   return f"{ANSWER_PREFIX}{answer}<|im_end|>"
+
+
+def parse_ids(text: str) -> list[int]:
+  """Every document id `[n]` written in `text`, in order, without repeats."""
+  return list(dict.fromkeys(int(m) for m in _ID.findall(text)))
+
+
+def parse_answer(text: str) -> str:
+  """The answer in generated text: what follows the last answer prefix (the whole text when there
+  is none, as the official evaluation does), up to `<|im_end|>`/`<|endoftext|>`, stripped."""
+  answer = text.rsplit(ANSWER_PREFIX.strip(), 1)[-1]
+  for end in _ANSWER_END:
+    answer = answer.split(end, 1)[0]
+  return answer.strip()

@@ -31,6 +31,8 @@ injected, in the record's hop order.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample
 from msa_jax.data.records import Record
@@ -45,22 +47,37 @@ def _encode(tokenizer, text: str) -> list[int]:
   return list(tokenizer.encode(text))
 
 
-def _context(record: Record, step: int, tokenizer) -> tuple[list[int], list[bool]]:
-  """The transcript of retrieval steps 0..step-1, and which of its tokens route (the newest
-  injected documents)."""
+def prompt_pieces(question: str, tokenizer) -> tuple[list[int], list[int], list[int]]:
+  """(template head, question, template tail) ids of a question's first-round prompt."""
+  return (_encode(tokenizer, pf.TEMPLATE_HEAD), _encode(tokenizer, pf.question_text(question)),
+          _encode(tokenizer, pf.TEMPLATE_TAIL))
+
+
+def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, str]]]],
+                      tokenizer) -> tuple[list[int], list[bool]]:
+  """The transcript of retrieval rounds, and which of its tokens route (the newest injected
+  documents). A round is (the ids of what the model wrote, `[i][k]<|object_ref_end|>`; the
+  (display id, text) documents injected after it). Training samples and the Memory Interleave
+  driver both build their contexts here, so the two cannot drift apart."""
   ids: list[int] = []
   route: list[bool] = []
-  for j in range(step):
-    hop = record.hops[j]
-    entries = [(record.doc_ids[i], record.documents[i]) for i in hop]
-    pieces = ((pf.round_ids([i for i, _ in entries]), False),
-              (pf.injected_documents(entries), j == step - 1),
-              (pf.injection_end(), False))
-    for text, routes in pieces:
-      piece = _encode(tokenizer, text)
+  for j, (written, entries) in enumerate(rounds):
+    pieces = ((list(written), False),
+              (_encode(tokenizer, pf.injected_documents(entries)), j == len(rounds) - 1),
+              (_encode(tokenizer, pf.injection_end()), False))
+    for piece, routes in pieces:
       ids.extend(piece)
       route.extend([routes] * len(piece))
   return ids, route
+
+
+def _context(record: Record, step: int, tokenizer) -> tuple[list[int], list[bool]]:
+  """The transcript of the record's retrieval steps 0..step-1 (the gold rounds)."""
+  rounds = []
+  for hop in record.hops[:step]:
+    entries = [(record.doc_ids[i], record.documents[i]) for i in hop]
+    rounds.append((_encode(tokenizer, pf.round_ids([i for i, _ in entries])), entries))
+  return retrieval_context(rounds, tokenizer)
 
 
 def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
@@ -86,10 +103,11 @@ def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
       answer.extend(piece)
       answer_target.extend([target] * len(piece))
     positives = record.hops[-1]
+  head, question, tail = prompt_pieces(record.question, tokenizer)
   return Sample(documents=documents,
-                template_head=_encode(tokenizer, pf.TEMPLATE_HEAD),
-                question=_encode(tokenizer, pf.question_text(record.question)),
-                template_tail=_encode(tokenizer, pf.TEMPLATE_TAIL),
+                template_head=head,
+                question=question,
+                template_tail=tail,
                 context=context,
                 context_route=context_route,
                 answer=answer,
