@@ -113,18 +113,19 @@ def _convert(index: int, sample: Sample, vocab_size: int | None) -> _Row:
               positives=_ids(index, "positive_docs", sample.positive_docs, len(docs)))
 
 
-def _check_memory(index: int, row: _Row, seq_len_mem: int, max_docs: int) -> None:
+def _check_memory(index: int, documents: list[np.ndarray], seq_len_mem: int,
+                  max_docs: int) -> None:
   """The documents must be non-empty, at most `max_docs`, and fit one row unsplit."""
-  if len(row.documents) > max_docs:
-    raise BatchError(f"sample {index}: {len(row.documents)} documents, more than "
+  if len(documents) > max_docs:
+    raise BatchError(f"sample {index}: {len(documents)} documents, more than "
                      f"max_docs={max_docs}")
-  for j, doc in enumerate(row.documents):
+  for j, doc in enumerate(documents):
     if doc.size == 0:
       raise BatchError(f"sample {index}: document {j} is empty")
     if doc.size > seq_len_mem:
       raise BatchError(f"sample {index}: document {j} has {doc.size} tokens, longer than a memory "
                        f"row (seq_len_mem={seq_len_mem}); documents are never split")
-  need = sum(doc.size for doc in row.documents)
+  need = sum(doc.size for doc in documents)
   if need > seq_len_mem:
     raise BatchError(f"sample {index}: documents need {need} tokens but seq_len_mem is "
                      f"{seq_len_mem}")
@@ -195,6 +196,33 @@ def _check_args(samples, seq_len_mem, seq_len_prompt, max_docs, chunk_size, ques
     raise BatchError(f"pad_id {pad_id} outside [0, {limit})")
 
 
+def _empty_memory(batch: int, seq_len_mem: int, c_max: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Memory-stream arrays of `batch` rows holding only padding."""
+  return {"tokens": np.full((batch, seq_len_mem), pad_id, np.int32),
+          "segment_ids": np.zeros((batch, seq_len_mem), np.int32),
+          "positions": np.zeros((batch, seq_len_mem), np.int32),
+          "chunk_ids": np.full((batch, seq_len_mem), c_max, np.int32),
+          "chunk_doc": np.zeros((batch, c_max), np.int32),
+          "chunk_len": np.zeros((batch, c_max), np.int32)}
+
+
+def build_memory_batch(rows: Sequence[Sequence[Sequence[int]]], *, batch_rows: int,
+                       seq_len_mem: int, max_docs: int, chunk_size: int, pad_id: int,
+                       vocab_size: int | None = None) -> MemoryBatch:
+  """Memory stream only (bank encoding): `rows[b]` holds the documents packed into row b; rows
+  past `len(rows)` up to `batch_rows` are padding, so every batch has one static shape."""
+  if not rows or len(rows) > batch_rows:
+    raise BatchError(f"need 1..{batch_rows} rows, got {len(rows)}")
+  _check_args([rows], seq_len_mem, 1, max_docs, chunk_size, 0, pad_id, vocab_size)
+  limit = _INT32_LIMIT if vocab_size is None else vocab_size
+  mem = _empty_memory(batch_rows, seq_len_mem, seq_len_mem // chunk_size + max_docs, pad_id)
+  for b, docs in enumerate(rows):
+    documents = [_ids(b, f"document {j}", d, limit) for j, d in enumerate(docs)]
+    _check_memory(b, documents, seq_len_mem, max_docs)
+    _fill_memory_row(mem, b, documents, chunk_size)
+  return MemoryBatch(**mem)
+
+
 def build_batch(samples: Sequence[Sample], *, seq_len_mem: int, seq_len_prompt: int,
                 max_docs: int, chunk_size: int, question_position: int, pad_id: int,
                 vocab_size: int | None = None) -> tuple[MemoryBatch, PromptBatch]:
@@ -207,15 +235,10 @@ def build_batch(samples: Sequence[Sample], *, seq_len_mem: int, seq_len_prompt: 
               pad_id, vocab_size)
   rows = [_convert(i, s, vocab_size) for i, s in enumerate(samples)]
   for i, row in enumerate(rows):
-    _check_memory(i, row, seq_len_mem, max_docs)
+    _check_memory(i, row.documents, seq_len_mem, max_docs)
     _check_prompt(i, row, seq_len_prompt, question_position)
-  batch, c_max = len(rows), seq_len_mem // chunk_size + max_docs
-  mem = {"tokens": np.full((batch, seq_len_mem), pad_id, np.int32),
-         "segment_ids": np.zeros((batch, seq_len_mem), np.int32),
-         "positions": np.zeros((batch, seq_len_mem), np.int32),
-         "chunk_ids": np.full((batch, seq_len_mem), c_max, np.int32),
-         "chunk_doc": np.zeros((batch, c_max), np.int32),
-         "chunk_len": np.zeros((batch, c_max), np.int32)}
+  batch = len(rows)
+  mem = _empty_memory(batch, seq_len_mem, seq_len_mem // chunk_size + max_docs, pad_id)
   prompt = {"tokens": np.full((batch, seq_len_prompt), pad_id, np.int32),
             "segment_ids": np.zeros((batch, seq_len_prompt), np.int32),
             "positions": np.zeros((batch, seq_len_prompt), np.int32),

@@ -160,7 +160,9 @@ def _as_list(obj, path: str, what: str) -> list:
   return list(obj)
 
 
-def _read_memory(path: str, allow_pickle: bool) -> list[str]:
+def read_official_memory(path: str, allow_pickle: bool = False) -> list[str]:
+  """The documents of an official memory file (a JSON list of strings, or a trusted pickle); a
+  document's global id is its index."""
   documents = _as_list(_load(path, allow_pickle, "memory"), path, "memory")
   if not documents:
     raise RecordError(f"memory file {path}: no documents (empty list)")
@@ -202,7 +204,7 @@ def read_official(memory_path: str, queries_path: str, *,
                   allow_pickle: bool = False) -> OfficialBenchmark:
   """Reads an official benchmark's memory and query files (`.json`, or `.pkl`/`.pickle` when
   `allow_pickle`). Errors name the file and, for a query, its index."""
-  documents = _read_memory(memory_path, allow_pickle)
+  documents = read_official_memory(memory_path, allow_pickle)
   raw = _as_list(_load(queries_path, allow_pickle, "query"), queries_path, "query")
   if not raw:
     raise RecordError(f"query file {queries_path}: no queries (empty list)")
