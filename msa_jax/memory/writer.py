@@ -116,6 +116,11 @@ class BankWriter:
     m.updated = mf.now()
     mf.write_manifest(self.path, m)
 
+  def display_ids(self) -> np.ndarray:
+    """The committed documents' display ids."""
+    return store.read(self.path, self._arrays["display_ids"], "display_ids",
+                      (slice(0, self.manifest.num_docs),))
+
   def start_session(self, session: mf.EncodingSession) -> None:
     """Marks an append as in progress (committed before its first batch, so a kill is resumable)."""
     self.manifest.encoding = session
