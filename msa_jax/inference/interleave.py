@@ -35,12 +35,12 @@ GenerateFn = Callable[[list[Request]], list[Generation]]
 
 
 class DocumentStore(Protocol):
-  """What the driver needs of a memory: its documents' display ids (by row, the rows routing
-  returns) and texts. `index_of` raises KeyError for an id the memory does not hold."""
+  """What the driver needs of a memory (a `memory.Bank` is one): its documents' display ids (by
+  row, the rows routing returns) and texts. `index_of` is None for an id the memory lacks."""
 
   display_ids: Sequence[int]
 
-  def index_of(self, display_id: int) -> int: ...
+  def index_of(self, display_id: int) -> int | None: ...
 
   def document_text(self, index: int) -> str: ...
 
@@ -57,8 +57,8 @@ class InMemoryDocuments:
     if len(self._index) != len(self.display_ids):
       raise ValueError("display ids repeat an id")
 
-  def index_of(self, display_id: int) -> int:
-    return self._index[display_id]
+  def index_of(self, display_id: int) -> int | None:
+    return self._index.get(display_id)
 
   def document_text(self, index: int) -> str:
     return self.texts[index]
@@ -209,10 +209,11 @@ class InterleaveDriver:
     """(display id, text) of the ids the memory holds, and the ids it does not."""
     entries, unknown = [], []
     for i in ids:
-      try:
-        entries.append((i, self.documents.document_text(self.documents.index_of(i))))
-      except KeyError:
+      index = self.documents.index_of(i)
+      if index is None:
         unknown.append(i)
+      else:
+        entries.append((i, self.documents.document_text(index)))
     return entries, unknown
 
   def _finish(self, q: _Question, answer: str, status: str) -> None:
