@@ -68,18 +68,34 @@ def _reduce_queries(s, route_mask, query_reduce: str):
   return jnp.where((last >= 0)[:, None], picked, -jnp.inf)
 
 
+def prepare_queries(q_r, cfg: MSAConfig, *, coupled_scale: bool = False):
+  """Router queries as the scores use them: float32, L2-normalised (cosine), scaled by 1/√D
+  (scaled_dot or coupled)."""
+  q = q_r.astype(jnp.float32)
+  if cfg.score_mode == "cosine":
+    q = l2_normalize(q)
+  if cfg.score_mode == "scaled_dot" or coupled_scale:
+    q = q * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
+  return q
+
+
+def prepare_keys(k_r, cfg: MSAConfig):
+  """Pooled router keys as the scores use them: float32, L2-normalised (cosine). A memory bank
+  prepares its keys once instead of on every routing call."""
+  k = k_r.astype(jnp.float32)
+  return l2_normalize(k) if cfg.score_mode == "cosine" else k
+
+
+def prepared_chunk_scores(q, route_mask, k, cfg: MSAConfig):
+  """Chunk scores [B,C] from prepared queries q [B,T,H,D] and prepared keys k [B,C,Hkv,D]."""
+  return _reduce_queries(_token_chunk_scores(q, k, cfg.head_reduce), route_mask, cfg.query_reduce)
+
+
 def chunk_scores(q_r, route_mask, k_r, cfg: MSAConfig, *, coupled_scale: bool = False):
   """Router queries q_r [B,T,H,D] (raw projections), route_mask [B,T], pooled router keys
   k_r [B,C,Hkv,D] (raw means) -> chunk scores [B,C] f32 (empty slots are not masked here)."""
-  q = q_r.astype(jnp.float32)
-  k = k_r.astype(jnp.float32)
-  scale = 1.0
-  if cfg.score_mode == "cosine":
-    q, k = l2_normalize(q), l2_normalize(k)
-  if cfg.score_mode == "scaled_dot" or coupled_scale:
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-  s = _token_chunk_scores(q * scale, k, cfg.head_reduce)
-  return _reduce_queries(s, route_mask, cfg.query_reduce)
+  return prepared_chunk_scores(prepare_queries(q_r, cfg, coupled_scale=coupled_scale), route_mask,
+                               prepare_keys(k_r, cfg), cfg)
 
 
 def document_scores(scores, chunk_doc, num_docs: int, chunk_reduce: str):
