@@ -56,6 +56,11 @@ class Bank:
     """(Hkv, D) of one stored chunk row."""
     return tuple(self._arrays["router_keys"].shape[2:])
 
+  def array_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every stored array's (shape, dtype name); growing arrays may hold uncommitted rows past
+    the manifest's counts."""
+    return {name: (tuple(a.shape), a.dtype.name) for name, a in self._arrays.items()}
+
   def _chunk_array(self, name: str, r: int):
     if name not in store.CHUNK_ARRAYS:
       raise KeyError(f"unknown bank array {name!r}; chunk arrays are {store.CHUNK_ARRAYS}")

@@ -1,0 +1,317 @@
+"""Bank encode/store: encode -> reopen equals encoding each document alone; kill + resume is
+byte-identical to one run; append equals encoding everything at once; foreign, corrupt, truncated
+and missing banks and bad corpora fail with clear errors and lose nothing."""
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from msa_jax import config as cfglib
+from msa_jax.data import prompt_format as pf
+from msa_jax.data.batch_builder import build_memory_batch
+from msa_jax.data.tokenizer import Tokenizer
+from msa_jax.memory import BankError, open_bank
+from msa_jax.memory.corpus import Document
+from msa_jax.memory.encode import encode_corpus
+from msa_jax.model import entry_points
+from msa_jax.model.model import MSAForCausalLM
+from msa_jax.training.model_setup import dummy_batch
+
+ROW_TOKENS, BATCH_ROWS = 128, 2
+TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "models", "tiny_msa", "tokenizer.json")
+WORDS = "alpha beta gamma delta river stone cloud fire water moon".split()
+# very different lengths: from an empty text to one that nearly fills a row
+WORD_COUNTS = [0, 60, 3, 110, 1, 25, 40, 7, 90, 14, 2, 33]
+
+
+def _texts(counts, seed=0):
+  rng = np.random.default_rng(seed)
+  texts = [" ".join(rng.choice(WORDS, n)) for n in counts]
+  texts[2] += " café ☃"  # multi-byte UTF-8 in the text store
+  return texts
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model_cfg, msa_cfg = cfglib.preset("tiny")
+  model_cfg = model_cfg.replace(vocab_size=832, compute_dtype="float32")
+  msa_cfg = msa_cfg.replace(router_layers=(1, 3))  # non-consecutive: r indexes router layers
+  model = MSAForCausalLM(model_cfg, msa_cfg)
+  memory, prompt = dummy_batch(model_cfg, msa_cfg)
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), prompt, memory)["params"])
+  rng = np.random.default_rng(0)  # random weights without compiling init
+  params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+  return model, params, Tokenizer.from_file(TOKENIZER)
+
+
+def _encode(setup, docs, out, **kwargs):
+  model, params, tok = setup
+  kwargs = dict(batch_rows=BATCH_ROWS, row_tokens=ROW_TOKENS, log=lambda s: None) | kwargs
+  return encode_corpus(model, params, tok, docs, str(out), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference_bank(setup, tmp_path_factory):
+  out = tmp_path_factory.mktemp("ref") / "bank"
+  stats = _encode(setup, _texts(WORD_COUNTS), out)
+  return out, stats
+
+
+def _files(path):
+  """{relative path: bytes} of every file under a bank directory."""
+  out = {}
+  for root, _, names in os.walk(path):
+    for n in names:
+      full = os.path.join(root, n)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, path)] = f.read()
+  return out
+
+
+def _manifest(path, drop=("created", "updated")):
+  with open(os.path.join(path, "manifest.json")) as f:
+    m = json.load(f)
+  return {k: v for k, v in m.items() if k not in drop}
+
+
+def test_encode_equals_each_document_encoded_alone(setup, reference_bank):
+  model, params, tok = setup
+  path, stats = reference_bank
+  texts = _texts(WORD_COUNTS)
+  bank = open_bank(str(path), model.config, model.msa, params=params, verify="full")
+  assert bank.num_docs == len(texts) == stats.documents == stats.bank_documents
+  assert stats.batches > 2 and stats.tokens > 0 and stats.seconds > 0
+  encode = jax.jit(entry_points.encode_memory, static_argnums=0)
+  template = np.asarray(tok.encode(pf.TEMPLATE_HEAD), np.int32)
+  wrapped = [tok.encode(pf.wrap_document(i, text)) for i, text in enumerate(texts)]
+  lengths = [len(ids) for ids in wrapped]
+  for first in range(0, len(texts), BATCH_ROWS):  # the oracle: every document alone in a row
+    memory = build_memory_batch([[ids] for ids in wrapped[first:first + BATCH_ROWS]],
+                                batch_rows=BATCH_ROWS, seq_len_mem=ROW_TOKENS,
+                                max_docs=ROW_TOKENS // model.msa.chunk_size,
+                                chunk_size=model.msa.chunk_size, pad_id=tok.pad_id)
+    alone = encode(model, params, memory, template)
+    layers = jax.tree.map(np.asarray, alone.view.layers)
+    for b, i in enumerate(range(first, min(first + BATCH_ROWS, len(texts)))):
+      n = -(-lengths[i] // model.msa.chunk_size)
+      start, stop = bank.doc_chunks(i)
+      assert stop - start == n
+      assert int(bank.display_ids[i]) == i and bank.index_of(i) == i
+      assert bank.document_text(i) == texts[i]
+      for r in range(len(model.msa.router_layers)):
+        for name, want in (("router_keys", layers.k_r), ("content_k", layers.k),
+                           ("content_v", layers.v)):
+          got = bank.read(name, r, start, stop)
+          np.testing.assert_allclose(got, want[r, b, :n], atol=1e-5, err_msg=name)
+          np.testing.assert_array_equal(bank.read_rows(name, r, [stop - 1, start]), got[[-1, 0]])
+  assert min(lengths) <= 12 and max(lengths) > ROW_TOKENS - 20  # the lengths really differ
+  assert bank.index_of(10**6) is None
+  assert bank.read("router_keys", 0, 0, 1).dtype == np.float32
+  for (k, v), (k_ref, v_ref) in zip(bank.template_kv(), alone.template_kv):
+    np.testing.assert_array_equal(k, np.asarray(k_ref[0]))
+    np.testing.assert_array_equal(v, np.asarray(v_ref[0]))
+
+
+def test_kill_then_resume_gives_the_same_bank(setup, reference_bank, tmp_path):
+  ref, _ = reference_bank
+  out = tmp_path / "bank"
+
+  def kill_after_two(stats):
+    if stats.batches == 2:
+      raise KeyboardInterrupt("simulated kill")
+
+  texts = _texts(WORD_COUNTS)
+  with pytest.raises(KeyboardInterrupt):
+    _encode(setup, texts, out, on_commit=kill_after_two)
+  with pytest.raises(BankError, match="interrupted after"):
+    open_bank(str(out))
+  partial = open_bank(str(out), allow_incomplete=True)
+  assert 0 < partial.num_docs < len(texts)
+  committed = partial.num_docs
+  with pytest.raises(BankError, match="differ"):  # resuming with another corpus is refused
+    _encode(setup, _texts(WORD_COUNTS, seed=1), out)
+  with pytest.raises(BankError, match="same settings"):
+    _encode(setup, texts, out, batch_rows=BATCH_ROWS + 1)
+  stats = _encode(setup, texts, out)
+  assert stats.resumed_documents == committed
+  assert stats.documents == len(texts) - committed
+  ours, theirs = _files(out), _files(ref)
+  assert sorted(ours) == sorted(theirs)
+  for name in ours:
+    if name != "manifest.json":
+      assert ours[name] == theirs[name], name
+  assert _manifest(out) == _manifest(ref)
+  assert open_bank(str(out)).num_docs == len(texts)
+
+
+def test_append_equals_encoding_everything_at_once(setup, reference_bank, tmp_path):
+  model, params, _ = setup
+  ref, _ = reference_bank
+  texts = _texts(WORD_COUNTS)
+  out = tmp_path / "bank"
+  _encode(setup, texts[:5], out)
+  before = open_bank(str(out))
+  old_rows = before.read("content_k", 1, 0, before.num_chunks)
+  with pytest.raises(BankError, match="already exists"):
+    _encode(setup, texts[5:], out)
+
+  def kill_after_one(stats):
+    if stats.batches == 1:
+      raise KeyboardInterrupt("simulated kill")
+
+  with pytest.raises(KeyboardInterrupt):
+    _encode(setup, texts[5:], out, append=True, on_commit=kill_after_one)
+  with pytest.raises(BankError, match="interrupted an append|append=True"):
+    _encode(setup, texts[5:], out)
+  stats = _encode(setup, texts[5:], out, append=True)
+  assert stats.resumed_documents > 0 and stats.bank_documents == len(texts)
+  bank, whole = open_bank(str(out), model.config, model.msa, params=params), open_bank(str(ref))
+  np.testing.assert_array_equal(bank.read("content_k", 1, 0, before.num_chunks), old_rows)
+  np.testing.assert_array_equal(bank.doc_chunk_offsets, whole.doc_chunk_offsets)
+  np.testing.assert_array_equal(bank.display_ids, whole.display_ids)
+  assert [bank.document_text(i) for i in range(bank.num_docs)] == texts
+  for r in range(2):
+    for name in ("router_keys", "content_k", "content_v"):
+      np.testing.assert_allclose(bank.read(name, r, 0, bank.num_chunks),
+                                 whole.read(name, r, 0, whole.num_chunks), atol=1e-5)
+
+
+def test_display_ids_from_the_corpus_and_duplicates(setup, tmp_path):
+  docs = [Document("alpha beta", 40), Document("gamma", 7), Document("moon river", None)]
+  _encode(setup, docs, tmp_path / "bank")
+  bank = open_bank(str(tmp_path / "bank"))
+  assert bank.display_ids.tolist() == [40, 7, 2]
+  assert bank.index_of(7) == 1 and bank.index_of(0) is None
+  with pytest.raises(BankError, match="display id 7 is already used"):
+    _encode(setup, [Document("stone", 7)], tmp_path / "bank", append=True)
+  assert open_bank(str(tmp_path / "bank")).num_docs == 3  # refused before anything was written
+
+
+def test_bad_corpora_fail_clearly_and_lose_nothing(setup, reference_bank, tmp_path):
+  model, params, tok = setup
+  with pytest.raises(BankError, match="no documents"):
+    _encode(setup, [], tmp_path / "empty")
+  assert not os.path.exists(tmp_path / "empty")
+  too_long = " ".join(["moon"] * 200)
+  with pytest.raises(BankError, match=r"document 0 .* longer than a row \(row_tokens=128\)"):
+    _encode(setup, [too_long], tmp_path / "long")
+  assert not os.path.exists(tmp_path / "long")
+  small_limit = model.clone(config=model.config.replace(max_position_embeddings=32))
+  with pytest.raises(BankError, match="longer than the model's limit"):
+    encode_corpus(small_limit, params, tok, ["alpha " * 40], str(tmp_path / "limit"),
+                  batch_rows=BATCH_ROWS, row_tokens=ROW_TOKENS, log=lambda s: None)
+  # a bad document later in the corpus: the batches before it stay committed and resumable
+  texts = _texts(WORD_COUNTS)
+  out = tmp_path / "later"
+  with pytest.raises(BankError, match="document 9 of the corpus"):
+    _encode(setup, texts[:9] + [too_long], out)
+  committed = open_bank(str(out), allow_incomplete=True).num_docs
+  assert committed > 0
+  stats = _encode(setup, texts, out)  # fixed corpus: resumes after the committed documents
+  assert stats.resumed_documents == committed
+  ref, _ = reference_bank
+  assert _manifest(out) == _manifest(ref)
+  # appending a bad document to a finished bank leaves it finished and unchanged
+  with pytest.raises(BankError, match="longer than a row"):
+    _encode(setup, [too_long], out, append=True)
+  assert open_bank(str(out)).num_docs == len(texts)
+  with pytest.raises(BankError, match="no bank at"):
+    _encode(setup, texts, tmp_path / "missing", append=True)
+
+
+def test_foreign_bank_is_refused(setup, reference_bank):
+  model, params, tok = setup
+  path, _ = reference_bank
+  other = model.msa.replace(chunk_size=8)
+  with pytest.raises(BankError, match=r"another model configuration \(msa.chunk_size: bank 4, "
+                                      r"given 8\)"):
+    open_bank(str(path), model.config, other)
+  with pytest.raises(BankError, match="model.hidden_size"):
+    open_bank(str(path), model.config.replace(hidden_size=32), model.msa)
+  # knobs that do not change encoding are not a different model
+  open_bank(str(path), model.config.replace(scan_layers=True, remat_policy="full"),
+            model.msa.replace(top_k_docs=7, score_mode="scaled_dot"))
+  other_params = jax.tree.map(lambda x: x, params)
+  other_params["layers_0"]["attn"]["k_proj"]["kernel"] = (
+      other_params["layers_0"]["attn"]["k_proj"]["kernel"] * 1.01)
+  with pytest.raises(BankError, match="other model weights"):
+    open_bank(str(path), model.config, model.msa, params=other_params)
+  with pytest.raises(BankError, match="other model weights"):
+    encode_corpus(model, other_params, tok, ["moon"], str(path), append=True,
+                  batch_rows=BATCH_ROWS, row_tokens=ROW_TOKENS, log=lambda s: None)
+  assert open_bank(str(path)).num_docs == len(WORD_COUNTS)
+
+
+def _copy(path, tmp_path):
+  dst = tmp_path / "copy"
+  shutil.copytree(path, dst)
+  return dst
+
+
+def _chunk_file(bank, name):
+  files = sorted(f for f in _files(bank) if f.startswith(name + os.sep + "c"))
+  return os.path.join(bank, files[0])
+
+
+def test_corrupt_truncated_and_missing_files_are_detected(reference_bank, tmp_path):
+  ref, _ = reference_bank
+  bank = _copy(ref, tmp_path)
+  target = _chunk_file(bank, "content_k")
+  with open(target, "r+b") as f:
+    f.seek(40)
+    byte = f.read(1)
+    f.seek(40)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with pytest.raises(BankError, match="content_k is corrupt"):
+    open_bank(str(bank))
+  lazy = open_bank(str(bank), verify="index")  # not read at open, but every read checks crc32c
+  with pytest.raises(BankError, match="content_k is corrupt"):
+    lazy.read("content_k", 0, 0, 4)
+  np.testing.assert_array_equal(lazy.read("content_v", 0, 0, 4),
+                                open_bank(str(ref)).read("content_v", 0, 0, 4))
+
+  with open(target, "r+b") as f:  # truncation
+    f.truncate(20)
+  with pytest.raises(BankError, match="content_k is corrupt"):
+    open_bank(str(bank))
+  shutil.rmtree(bank)
+
+  bank = _copy(ref, tmp_path)
+  os.remove(_chunk_file(bank, "router_keys"))
+  with pytest.raises(BankError, match="router_keys is corrupt or incomplete"):
+    open_bank(str(bank))
+  shutil.rmtree(bank)
+
+  bank = _copy(ref, tmp_path)
+  os.remove(_chunk_file(bank, "display_ids"))  # index arrays are always verified
+  with pytest.raises(BankError, match="display_ids"):
+    open_bank(str(bank), verify="index")
+  shutil.rmtree(bank)
+
+  bank = _copy(ref, tmp_path)
+  shutil.rmtree(bank / "text")
+  with pytest.raises(BankError, match="array text is missing"):
+    open_bank(str(bank))
+  os.remove(bank / "manifest.json")
+  with pytest.raises(BankError, match="no manifest.json"):
+    open_bank(str(bank))
+  with open(bank / "manifest.json", "w") as f:
+    f.write("{not json")
+  with pytest.raises(BankError, match="corrupt manifest"):
+    open_bank(str(bank))
+  shutil.rmtree(bank)
+
+  bank = _copy(ref, tmp_path)  # a manifest that commits more than the arrays hold
+  m = _manifest(bank, drop=())
+  m["num_chunks"] += 5
+  with open(bank / "manifest.json", "w") as f:
+    json.dump(m, f)
+  with pytest.raises(BankError, match="truncated"):
+    open_bank(str(bank))
+  with pytest.raises(BankError, match="no bank at"):
+    open_bank(str(tmp_path / "nowhere"))
