@@ -101,24 +101,28 @@ def _as_document(item, where: str) -> Document:
 
 
 class _Progress:
-  """A progress line every `every_s` seconds: documents done, tokens/s, ETA."""
+  """A progress line every `every_s` seconds: documents done, tokens/s, ETA. `resumed` documents
+  were committed by an earlier run; rates count this run's work only."""
 
-  def __init__(self, path: str, total: int | None, every_s: float, log: Callable[[str], None]):
-    self.path, self.total, self.every_s, self.log = path, total, every_s, log
+  def __init__(self, path: str, total: int | None, resumed: int, every_s: float,
+               log: Callable[[str], None]):
+    self.path, self.total, self.resumed, self.every_s, self.log = path, total, resumed, every_s, log
     self.start = time.perf_counter()
     self.last = self.start
 
-  def update(self, done: int, tokens: int, final: bool = False) -> None:
+  def update(self, documents: int, tokens: int, final: bool = False) -> None:
+    """`documents`, `tokens`: encoded by this run so far."""
     now = time.perf_counter()
     if not final and now - self.last < self.every_s:
       return
     self.last = now
     elapsed = max(now - self.start, 1e-9)
+    done = self.resumed + documents
     line = f"encode {self.path}: {done:,}"
     if self.total is not None:
-      eta = (self.total - done) * elapsed / done if done else float("inf")
-      line += f"/{self.total:,} documents ({100 * done / max(self.total, 1):.1f}%)"
-      line += f", {tokens / elapsed:,.0f} tokens/s, ETA {format_duration(eta)}"
+      eta = (self.total - done) * elapsed / documents if documents else float("inf")
+      line += f"/{self.total:,} documents ({100 * done / max(self.total, 1):.1f}%), "
+      line += f"{tokens / elapsed:,.0f} tokens/s, ETA {format_duration(eta)}"
     else:
       line += f" documents, {tokens / elapsed:,.0f} tokens/s"
     self.log(line + (" (done)" if final else ""))
@@ -342,8 +346,8 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
   packing = _Packing(row_tokens=row_tokens, batch_rows=batch_rows, max_docs_per_row=max_docs,
                      chunk_size=msa.chunk_size, max_positions=model.config.max_position_embeddings,
                      vocab_size=model.config.vocab_size, pad_id=tokenizer.pad_id)
-  start = time.perf_counter()
   enc = _Encoder(model, params, tokenizer, out_dir, packing, append, rows_per_chunk)
+  start = time.perf_counter()  # encoding time: after the parameter fingerprint and bank checks
   total = len(documents) if hasattr(documents, "__len__") else None
   stream = iter(documents)
   resumed = enc.skip_committed(stream)
@@ -351,7 +355,7 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
   stats = EncodeStats(path=enc.path, documents=0, tokens=0, chunks=0, batches=0, slot_tokens=0,
                       seconds=0.0, first_batch_seconds=0.0, first_batch_tokens=0,
                       resumed_documents=resumed, bank_documents=enc.bank_docs)
-  progress = _Progress(enc.path, total, progress_every_s, log)
+  progress = _Progress(enc.path, total, resumed, progress_every_s, log)
   first = next(batches, None)
   if first is None and not resumed:
     raise BankError("the corpus has no documents to encode")
@@ -370,7 +374,7 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
     stats.bank_documents = enc.bank_docs
     if stats.batches == 1:
       stats.first_batch_seconds, stats.first_batch_tokens = stats.seconds, tokens
-    progress.update(resumed + stats.documents, stats.tokens)
+    progress.update(stats.documents, stats.tokens)
     if on_commit is not None:
       on_commit(stats)
 
@@ -387,5 +391,5 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
   enc.writer.finish()
   stats.seconds = time.perf_counter() - start
   stats.bank_documents = enc.bank_docs
-  progress.update(resumed + stats.documents, stats.tokens, final=True)
+  progress.update(stats.documents, stats.tokens, final=True)
   return stats
