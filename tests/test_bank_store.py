@@ -23,6 +23,7 @@ from msa_jax.model.model import MSAForCausalLM
 from msa_jax.training.model_setup import dummy_batch
 
 ROW_TOKENS, BATCH_ROWS = 128, 2
+ROWS_PER_CHUNK = 16  # storage chunks much smaller than the bank: batches end inside chunks
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "models", "tiny_msa", "tokenizer.json")
 WORDS = "alpha beta gamma delta river stone cloud fire water moon".split()
 # very different lengths: from an empty text to one that nearly fills a row
@@ -51,7 +52,8 @@ def setup():
 
 def _encode(setup, docs, out, **kwargs):
   model, params, tok = setup
-  kwargs = dict(batch_rows=BATCH_ROWS, row_tokens=ROW_TOKENS, log=lambda s: None) | kwargs
+  kwargs = dict(batch_rows=BATCH_ROWS, row_tokens=ROW_TOKENS, rows_per_chunk=ROWS_PER_CHUNK,
+                log=lambda s: None) | kwargs
   return encode_corpus(model, params, tok, docs, str(out), **kwargs)
 
 
@@ -140,13 +142,43 @@ def test_kill_then_resume_gives_the_same_bank(setup, reference_bank, tmp_path):
   stats = _encode(setup, texts, out)
   assert stats.resumed_documents == committed
   assert stats.documents == len(texts) - committed
+  _assert_same_bank(out, ref)
+
+
+def _assert_same_bank(out, ref):
   ours, theirs = _files(out), _files(ref)
   assert sorted(ours) == sorted(theirs)
   for name in ours:
     if name != "manifest.json":
       assert ours[name] == theirs[name], name
   assert _manifest(out) == _manifest(ref)
-  assert open_bank(str(out)).num_docs == len(texts)
+  assert open_bank(str(out)).num_docs == open_bank(str(ref)).num_docs
+
+
+def test_kill_between_array_writes_and_manifest_then_resume(setup, reference_bank, tmp_path,
+                                                            monkeypatch):
+  """A kill after a batch's rows hit the disk but before its manifest commit: the resumed encode
+  drops those rows and rewrites them, giving the same bank."""
+  from msa_jax.memory import writer
+  ref, _ = reference_bank
+  out = tmp_path / "bank"
+  real_write = writer.mf.write_manifest
+  calls = []
+
+  def dies_on_fourth_commit(path, manifest):
+    calls.append(path)
+    if len(calls) == 4:
+      raise KeyboardInterrupt("killed before the manifest commit")
+    real_write(path, manifest)
+
+  monkeypatch.setattr(writer.mf, "write_manifest", dies_on_fourth_commit)
+  with pytest.raises(KeyboardInterrupt):
+    _encode(setup, _texts(WORD_COUNTS), out)
+  monkeypatch.setattr(writer.mf, "write_manifest", real_write)
+  partial = open_bank(str(out), allow_incomplete=True)
+  assert partial.array_shapes()["router_keys"][0][1] > partial.num_chunks  # uncommitted rows
+  _encode(setup, _texts(WORD_COUNTS), out)
+  _assert_same_bank(out, ref)
 
 
 def test_append_equals_encoding_everything_at_once(setup, reference_bank, tmp_path):
