@@ -76,11 +76,13 @@ class Bank:
     return store.read(self.path, array, name, (r, slice(start, stop)))
 
   def read_rows(self, name: str, r: int, rows) -> np.ndarray:
-    """Arbitrary chunk rows (int [n], repeats allowed, order kept) of router layer r -> [n, Hkv, D]."""
+    """Arbitrary chunk rows (int [n]; repeats allowed, order kept) of router layer r
+    -> [n, Hkv, D]."""
     array = self._chunk_array(name, r)
     rows = np.asarray(rows, np.int64).reshape(-1)
     if rows.size and (rows.min() < 0 or rows.max() >= self.num_chunks):
-      raise IndexError(f"chunk rows outside [0, {self.num_chunks}): {rows[(rows < 0) | (rows >= self.num_chunks)][:5]}")
+      bad = rows[(rows < 0) | (rows >= self.num_chunks)]
+      raise IndexError(f"chunk rows outside [0, {self.num_chunks}): {bad[:5].tolist()}")
     if not rows.size:
       return np.zeros((0,) + self.chunk_shape, array.dtype.numpy_dtype)
     try:
@@ -108,7 +110,8 @@ class Bank:
     try:
       return data.tobytes().decode("utf-8")
     except UnicodeDecodeError as e:
-      raise BankError(f"bank {self.path}: the text of document {i} is not valid UTF-8 ({e})") from None
+      raise BankError(f"bank {self.path}: the text of document {i} is not valid UTF-8 "
+                      f"({e})") from None
 
   def index_of(self, display_id: int) -> int | None:
     """The document index of a display id, or None if no document has it."""
@@ -155,7 +158,8 @@ def open_bank(path: str, model_config: cfglib.ModelConfig | None = None,
   return Bank(path, manifest, arrays, offsets, ids, text_offsets)
 
 
-def check_model(path: str, manifest: mf.BankManifest, model_config, msa_config, params=None) -> None:
+def check_model(path: str, manifest: mf.BankManifest, model_config, msa_config,
+                params=None) -> None:
   """Raises `BankError` unless the bank was encoded by this configuration (and these params)."""
   if mf.config_fingerprint(model_config, msa_config) != manifest.config_fingerprint:
     diff = mf.config_mismatch(manifest, model_config, msa_config)

@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np

@@ -35,8 +35,8 @@ from msa_jax.model.param_layout import unstack_layers
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-ENCODING_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                         "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps",
+ENCODING_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                         "num_heads", "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps",
                          "tie_word_embeddings", "compute_dtype")
 ENCODING_MSA_FIELDS = ("router_layers", "chunk_size", "decouple_router", "template_len")
 _UNUSED_PARAMS = ("lm_head", "final_norm", "bce_bias")
@@ -173,7 +173,8 @@ def read_manifest(bank_dir: str) -> BankManifest:
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
   except json.JSONDecodeError as e:
-    raise BankError(f"{path}: corrupt manifest, not valid JSON ({e.msg} at line {e.lineno})") from None
+    raise BankError(f"{path}: corrupt manifest, not valid JSON ({e.msg} at line "
+                    f"{e.lineno})") from None
   return BankManifest.from_json(obj, path)
 
 

@@ -76,7 +76,7 @@ def chunk_shape_of(name: str, shape, rows_per_chunk: int) -> tuple[int, ...]:
 
 
 def axis_slice(name: str, start: int, stop: int) -> tuple:
-  """An index selecting rows [start, stop) along `name`'s growing axis (everything if it has none)."""
+  """An index selecting rows [start, stop) along `name`'s growing axis (all of a fixed array)."""
   axis = grow_axis(name)
   if axis is None:
     return (Ellipsis,)
