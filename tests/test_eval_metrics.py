@@ -7,8 +7,12 @@ import threading
 
 import pytest
 
+from msa_jax.data.records import RecordError
+from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
 from msa_jax.inference import judge as judgelib
-from msa_jax.inference import metrics
+from msa_jax.inference import metrics, qa_eval, queries
+from msa_jax.inference.interleave import InMemoryDocuments, InterleaveDriver
+from tests.interleave_fixtures import ScriptedModel
 
 
 def test_normalisation_exact_match_and_token_f1():
@@ -148,3 +152,88 @@ def test_judge_errors_are_clear_and_never_show_the_key(monkeypatch):
     judge("q", "a", "b")
   with pytest.raises(ValueError, match="url and a model"):
     judgelib.Judge("", "m")
+
+
+# --------------------------------------------------------------------------- query files
+
+
+DOCS = ["Bill Watts (born May 5, 1939) is a promoter.", "The Eiffel Tower is in Paris.",
+        "Erik Watts is the son of Bill Watts."]
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+def test_read_queries_jsonl_and_official(tmp_path):
+  record = {"documents": DOCS, "question": "Where is the tower?", "answer": "Paris",
+            "positive_ids": [1], "task": "lookup", "doc_ids": [10, 11, 12]}
+  jsonl = _write(tmp_path / "q.jsonl", json.dumps(record) + "\n")
+  (q,) = queries.read_queries(jsonl)
+  assert q == queries.Query("Where is the tower?", "Paris", (11,), "lookup", (DOCS[1],))
+  memory = _write(tmp_path / "memory.json", json.dumps(DOCS))
+  official = _write(tmp_path / "q.json", json.dumps([
+      {"question": "Who is Erik's father?", "labels": [2, 0], "answer": "Bill"},
+      {"query": "Where?", "reference_list": [DOCS[1]], "answer": "Paris"}]))
+  a, b = queries.read_queries(official, memory_file=memory)
+  assert a.gold_ids == (2, 0) and a.gold_texts == (DOCS[2], DOCS[0]) and a.task == "official"
+  assert b.question == "Where?" and b.gold_ids == (1,)
+  with pytest.raises(RecordError, match="pass that memory file"):
+    queries.read_queries(official)
+
+
+def test_empty_query_files_are_clear_errors(tmp_path):
+  with pytest.raises(RecordError, match="no records"):
+    queries.read_queries(_write(tmp_path / "empty.jsonl", "\n"))
+  memory = _write(tmp_path / "memory.json", json.dumps(DOCS))
+  with pytest.raises(RecordError, match="no queries"):
+    queries.read_queries(_write(tmp_path / "empty.json", "[]"), memory_file=memory)
+
+
+def test_queries_checked_against_the_memory():
+  memory = InMemoryDocuments(DOCS, [10, 11, 12])
+  good = queries.Query("q", "a", (12, 10), "", (DOCS[2], DOCS[0]))
+  queries.check_against_memory([good, queries.Query("q", "a", (11,))], memory)
+  with pytest.raises(RecordError, match=r"query 1 .*gold document \[13\] is not in the memory"):
+    queries.check_against_memory([good, queries.Query("q2", "a", (13,))], memory)
+  with pytest.raises(RecordError, match=r"document \[10\] is not the query file's gold text"):
+    queries.check_against_memory([queries.Query("q", "a", (10,), "", (DOCS[1],))], memory)
+  with pytest.raises(RecordError, match="no queries"):
+    queries.check_against_memory([], memory)
+
+
+def test_evaluate_scores_each_answer_and_asks_the_judge():
+  tok = Tokenizer(build_byte_tokenizer(extra_special_tokens=("<End-of-Retrieve>",)))
+  model = ScriptedModel(tok, {
+      "Who is Erik's father?": ["[2][7]<|object_ref_end|>", "<End-of-Retrieve>",
+                                "The answer to the question is: Bill Watts<|im_end|>"],
+      "Where is the tower?": ["<End-of-Retrieve>",
+                              "The answer to the question is: in Paris<|im_end|>"]})
+  driver = InterleaveDriver(model, tok, InMemoryDocuments(DOCS))
+  qs = [queries.Query("Who is Erik's father?", "Bill Watts", (2, 0), "multi"),
+        queries.Query("Where is the tower?", "Paris", (1,), "single")]
+  judged = []
+
+  def judge(question, reference, prediction):
+    judged.append((question, reference, prediction))
+    return judgelib.Verdict(5 if prediction == reference else None, "reply")
+
+  logs = []
+  out = qa_eval.evaluate(driver, qs, batch_size=1, judge=judge, log=logs.append)
+  first, second = out["records"]
+  # [2][7] vs gold {2, 0}: P = 1/2, R = 1/2; "in Paris" vs "Paris": F1 = 2/3
+  assert first["prediction"] == "Bill Watts" and first["exact_match"] == 1.0
+  assert first["retrieved_ids"] == [2, 7] and first["rounds"][0]["unknown_ids"] == [7]
+  assert (first["retrieval_precision"], first["retrieval_recall"]) == (0.5, 0.5)
+  assert second["exact_match"] == 0.0 and second["token_f1"] == pytest.approx(2 / 3)
+  assert second["retrieval_recall"] == 0.0
+  assert judged == [("Who is Erik's father?", "Bill Watts", "Bill Watts"),
+                    ("Where is the tower?", "Paris", "in Paris")]
+  assert (first["judge_score"], second["judge_score"]) == (5, None)
+  summary = out["summary"]
+  assert summary["all"]["exact_match"] == 0.5 and summary["all"]["judge_score"] == 5.0
+  assert summary["all"]["judge_unparsed"] == 1 and summary["multi"]["n"] == 1
+  assert len(logs) == 2 and logs[-1].startswith("2/2 questions")
+  with pytest.raises(ValueError, match="no queries"):
+    qa_eval.evaluate(driver, [])

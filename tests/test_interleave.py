@@ -11,7 +11,8 @@ from msa_jax.data.synthetic import generate, world_tokenizer
 from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
 from msa_jax.data.transcript import num_steps, record_step_sample
 from msa_jax.inference.interleave import (InMemoryDocuments, InterleaveConfig, InterleaveDriver)
-from msa_jax.inference.requests import Generation, LayerRouting
+from msa_jax.inference.requests import LayerRouting
+from tests.interleave_fixtures import ScriptedModel
 
 DOCS = ("Bill Watts (born May 5, 1939) is a promoter.",
         "The Eiffel Tower is in Paris.",
@@ -29,32 +30,6 @@ def _byte_tokenizer(eor_special: bool) -> Tokenizer:
 @pytest.fixture(scope="module")
 def tok():
   return _byte_tokenizer(True)
-
-
-class ScriptedModel:
-  """A `generate_fn` that answers each question (found in the request's text) with the next text
-  of its script, cut like an engine cuts: after the first stop id, or at max_new_tokens. Records
-  every call's requests."""
-
-  def __init__(self, tokenizer, scripts, routing=None):
-    self.tok, self.scripts, self.routing = tokenizer, {k: list(v) for k, v in scripts.items()}, routing
-    self.calls = []
-
-  def __call__(self, requests):
-    self.calls.append(list(requests))
-    out = []
-    for r in requests:
-      text = self.tok.decode(r.tokens)
-      question = next(q for q in self.scripts if pf.question_text(q) in text)
-      ids = self.tok.encode(self.scripts[question].pop(0))
-      stop = next((n + 1 for n, t in enumerate(ids) if t in r.stop_ids), None)
-      if stop is not None and stop <= r.max_new_tokens:
-        ids, stopped = ids[:stop], True
-      else:
-        ids, stopped = ids[:r.max_new_tokens], False
-      routing = self.routing(question, len(self.calls)) if self.routing else []
-      out.append(Generation(tokens=ids, stopped=stopped, routing=routing))
-    return out
 
 
 def _sample_prompt(sample, upto_answer: int = 0):
