@@ -4,8 +4,9 @@ Memory stream: every token attends causally within its own document, in every la
 causal within the prompt; in router layers it also attends to the pooled K̄/V̄ of the documents this
 layer selected, except the template head (the prompt's memory-blind prefix). Non-router layers give
 the prompt no memory. The same code serves training (both streams; the layer routes over its own
-pooled memory stream), encoding (memory stream only) and prefill (prompt stream over an external
-`LayerMemory`).
+pooled memory stream), encoding (memory stream only), prefill (prompt stream over an external
+`LayerMemory`) and decode (new prompt-stream tokens appended to a `layer_cache` holding what the
+prefill attended: memory is not routed again, MSA_REFERENCE_IMPL.md §3.3).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ class MSADecoderLayer(nn.Module):
   `((x_mem, x_prompt), memory, prompt, layer_memory) -> ((x_mem, x_prompt), outputs)`.
 
   `outputs` (router layers): "selection" when the prompt routed; "pooled" (the layer's `LayerMemory`)
-  when `collect` asks for it; "prompt_kv" (post-RoPE K, V of the prompt stream) likewise.
+  when `collect` asks for it; "prompt_kv" (post-RoPE K, V of the prompt stream) likewise; "kv" (every
+  key the prompt attended, with its segment and index: the gathered memory chunks then the prompt)
+  likewise, to seed a decode cache. With `layer_cache` (decode: an object with `append(k, v, seg) ->
+  (cache, q_idx)`, see `msa_jax.inference.kv_cache`) the prompt stream's tokens are written into the
+  cache and attend over it; outputs["cache"] is the updated cache.
   """
 
   config: ModelConfig
@@ -54,7 +59,7 @@ class MSADecoderLayer(nn.Module):
                              implementation=self.attention_impl, block_q=block, block_kv=block)
 
   @nn.compact
-  def __call__(self, streams, memory, prompt, layer_memory: LayerMemory | None):
+  def __call__(self, streams, memory, prompt, layer_memory: LayerMemory | None, layer_cache=None):
     c = self.config
     x_mem, x_prompt = streams
     attn = Attention(c, self.is_router_layer, name="attn")
@@ -88,6 +93,14 @@ class MSADecoderLayer(nn.Module):
         outputs["prompt_kv"] = (k, v)
       q_seg, q_idx = prompt.segment_ids, _row_index(prompt.tokens)
       kv_seg, kv_idx = q_seg, q_idx
+      if layer_cache is not None:
+        layer_cache, q_idx = layer_cache.append(k, v, q_seg)
+        outputs["cache"] = layer_cache
+        # a few new queries against the whole cache: the dense kernel (blockwise would pad the
+        # queries to a full tile)
+        attended = segment_attention(q, layer_cache.k, layer_cache.v, q_seg, q_idx, layer_cache.seg,
+                                     layer_cache.idx, implementation="reference")
+        return (x_mem, finish(x_prompt, attended)), outputs
       if self.is_router_layer and layer_memory is not None:
         q_r = attn.router_projections(h)[0] if self.msa.decouple_router else q
         selection = layer_memory.route(q_r, prompt.route_mask, self.msa)
@@ -102,5 +115,7 @@ class MSADecoderLayer(nn.Module):
             q_idx.dtype), q_idx], axis=1)
       elif self.is_router_layer and self.is_initializing():
         attn.router_projections(h)  # a prompt-only init still creates the router parameters
+      if "kv" in self.collect:
+        outputs["kv"] = (k, v, kv_seg, kv_idx)
       x_prompt = finish(x_prompt, self._attend(q, k, v, q_seg, q_idx, kv_seg, kv_idx))
     return (x_mem, x_prompt), outputs

@@ -46,7 +46,8 @@ class MSAOutput:
   """hidden [B,S_q,E] (final-normed prompt states, None in encode); per router layer, stacked in
   `router_layers` order: doc_scores [L_r,B,C] f32, doc_selected [L_r,B,C] bool; doc_present [B,C]
   (column d-1 = document d; C = chunk slots, an upper bound on documents per row). `extras` holds
-  collected per-layer outputs: "pooled" (a MemoryView) and "prompt_kv" (list per layer)."""
+  collected outputs: "pooled" (a MemoryView), "prompt_kv" and "kv" (lists per layer, see
+  `MSADecoderLayer`), "selection" (list per router layer) and, when decoding, "cache"."""
 
   hidden: jax.Array | None
   doc_scores: jax.Array | None
@@ -96,13 +97,23 @@ class MSAForCausalLM(nn.Module):
   def _embed(self, tokens):
     return nn.with_logical_constraint(self.embed_tokens(tokens), ("batch", "length", "act_embed"))
 
-  def __call__(self, prompt=None, memory=None, view: MemoryView | None = None) -> MSAOutput:
+  def __call__(self, prompt=None, memory=None, view: MemoryView | None = None,
+               cache=None) -> MSAOutput:
     """Runs whichever streams are given. `view` (prefill) replaces the memory stream as the router
-    layers' memory; without both, router layers give the prompt no memory."""
+    layers' memory; without both, router layers give the prompt no memory. `cache` (decode: one
+    layer cache per layer, see `msa_jax.inference.kv_cache`) appends the prompt's tokens to what
+    earlier calls attended; the updated caches are in `extras["cache"]`."""
     c = self.config
     streams = (None if memory is None else self._embed(memory.tokens),
                None if prompt is None else self._embed(prompt.tokens))
     per_layer = {}
+    if cache is not None:
+      if c.scan_layers or memory is not None or view is not None or prompt is None:
+        raise ValueError("decoding with a cache takes a prompt only, in the per-layer layout "
+                         "(scan_layers=False)")
+      for i in range(c.num_layers):
+        streams, per_layer[i] = self.layers[i](streams, None, prompt, None, cache[i])
+      return self._collect_outputs(streams[1], per_layer)
     for start, end, is_router in layer_blocks(c.num_layers, self.msa.router_layers):
       if c.scan_layers:
         xs = view.span(start, end) if (view is not None and is_router) else None
@@ -128,8 +139,13 @@ class MSAForCausalLM(nn.Module):
     if "pooled" in self.collect and routers:
       layers = jax.tree.map(lambda *xs: jnp.stack(xs), *[per_layer[i]["pooled"] for i in routers])
       extras["pooled"] = MemoryView(layers, routers)
-    if "prompt_kv" in self.collect:
-      extras["prompt_kv"] = [per_layer[i]["prompt_kv"] for i in range(self.config.num_layers)]
+    for name in ("prompt_kv", "kv"):  # per layer
+      if name in self.collect:
+        extras[name] = [per_layer[i][name] for i in range(self.config.num_layers)]
+    if "cache" in per_layer[0]:  # decoding
+      extras["cache"] = [per_layer[i]["cache"] for i in range(self.config.num_layers)]
+    if "selection" in self.collect:  # per router layer, the selection objects of the view
+      extras["selection"] = selections
     return MSAOutput(hidden, scores, selected, present, extras)
 
   def prompt_logits(self, prompt, memory=None, view: MemoryView | None = None):

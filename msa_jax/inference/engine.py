@@ -1,0 +1,378 @@
+"""The generation engine: batched prefill (stage 2) and KV-cached decode (stage 3) over a memory view.
+
+    engine = Engine(model, params, encoded.view)          # or a memory bank's view
+    out = engine.generate([Request(tokens, route_mask, max_new_tokens=32, stop_ids=(im_end,))],
+                          SamplingConfig(temperature=0.0))
+
+Prefill runs the model's prompt path unchanged (per router layer route -> gather -> attention over
+[selected chunks | prompt], the template head being the prompt's memory-blind first tokens) and keeps
+every key it attended in a preallocated cache (`kv_cache`); decoding appends tokens there, so memory
+is routed once per prefill, as in the official stage 3 (MSA_REFERENCE_IMPL.md §3.3). The whole decode
+loop is one `lax.while_loop` on the device: no host round trip per token.
+
+Bucket policy (bounds recompilation: one prefill and one decode program per bucket combination):
+- prompt length: the next power of two >= max(16, longest prompt of the batch), capped at
+  `max_prompt_len` (itself a bucket); longer prompts are refused;
+- batch: the next power of two >= the number of requests, at most `max_batch`; more requests run in
+  successive batches, grouped by prompt length; padding rows repeat a real row and are discarded;
+- new tokens: the next power of two >= max(8, largest `max_new_tokens` of the batch);
+- stop ids: the next power of two >= max(4, most stop ids of a request).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax.data.batch import PromptBatch, plain_prompt
+from msa_jax.data.batch_builder import bucket_length
+from msa_jax.inference import kv_cache, sampling
+from msa_jax.inference.requests import Generation, LayerRouting, Request, SamplingConfig
+from msa_jax.model.memory_view import MemoryView
+from msa_jax.model.model import MSAForCausalLM
+from msa_jax.model.param_layout import unstack_layers
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 8
+MIN_STOP_BUCKET = 4
+
+
+class EngineError(ValueError):
+  """A request, or the model/view pairing, cannot be served."""
+
+
+def power_of_two_buckets(minimum: int, cap: int) -> list[int]:
+  """minimum, 2·minimum, … below `cap`, then `cap`."""
+  out, b = [], minimum
+  while b < cap:
+    out.append(b)
+    b *= 2
+  return out + [cap]
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """A batch mid-generation: one `kv_cache.LayerCache` per layer, the logits [B, V] (float32) after
+  each row's last token, and the RoPE position [B] its next token takes."""
+
+  caches: list
+  logits: jax.Array
+  next_position: jax.Array
+
+
+# --------------------------------------------------------------------------- device programs
+
+
+def _batched_view(view, batch: int):
+  """An in-memory `MemoryView` holds one memory row; every request of the batch routes over it."""
+  if isinstance(view, MemoryView):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, x.shape[:1] + (batch,) + x.shape[2:]), view)
+  return view
+
+
+def _prefill(model: MSAForCausalLM, params, prompt: PromptBatch, view, *, budget: int):
+  """(DecodeState with `budget` free slots per layer, the view's selection per router layer)."""
+  b, s = prompt.tokens.shape
+  last = jnp.sum(prompt.segment_ids, axis=1) - 1
+  rows = jnp.arange(b)
+
+  def run(module, prompt, view):
+    out = module(prompt, None, view)
+    return module.logits(out.hidden[rows, last][:, None])[:, 0], out.extras
+
+  logits, extras = model.clone(collect=("kv", "selection")).apply(
+      {"params": params}, prompt, _batched_view(view, b), method=run)
+  caches = [kv_cache.from_prefill(kv, s, budget) for kv in extras["kv"]]
+  state = DecodeState(caches, logits.astype(jnp.float32), prompt.positions[rows, last] + 1)
+  return state, extras.get("selection", [])
+
+
+def _append(model: MSAForCausalLM, params, state: DecodeState, tokens, valid) -> DecodeState:
+  """Feeds tokens [B, n] (`valid` [B, n]: a prefix of each row) through the cache: they attend
+  causally among themselves and to everything before; positions continue per row."""
+  valid = valid.astype(jnp.int32)
+  positions = state.next_position[:, None] + jnp.cumsum(valid, axis=1) - 1
+  count = jnp.sum(valid, axis=1)
+  rows = jnp.arange(tokens.shape[0])
+
+  def run(module, prompt, caches):
+    out = module(prompt, cache=caches)
+    last = out.hidden[rows, jnp.maximum(count - 1, 0)]
+    return module.logits(last[:, None])[:, 0], out.extras["cache"]
+
+  logits, caches = model.apply({"params": params}, plain_prompt(tokens, positions, valid),
+                               state.caches, method=run)
+  logits = jnp.where((count > 0)[:, None], logits.astype(jnp.float32), state.logits)
+  return DecodeState(caches, logits, state.next_position + count)
+
+
+def _decode(model: MSAForCausalLM, params, state: DecodeState, stop_ids, max_new, active, row_ids,
+            key, temperature, top_p, *, greedy: bool, steps: int):
+  """Samples up to `steps` tokens per row in one `lax.while_loop`; a row stops at one of its
+  `stop_ids` [B, K] (-1 = none) or after `max_new` [B] tokens; inactive rows (padding) never run.
+  Returns (tokens [B, steps] (-1 after a row's end), counts [B], stopped [B], final state)."""
+  b = stop_ids.shape[0]
+
+  def pick(logits, step):
+    return sampling.next_tokens(logits, greedy=greedy, temperature=temperature, top_p=top_p,
+                                key=key, row_ids=row_ids, step=step)
+
+  def record(out, count, done, stopped, token, step):
+    out = out.at[:, step].set(jnp.where(done, -1, token))
+    count = count + (~done).astype(jnp.int32)
+    hit = ~done & jnp.any(token[:, None] == stop_ids, axis=1)
+    return out, count, done | hit | (count >= max_new), stopped | hit
+
+  token = pick(state.logits, 0)
+  out, count, done, stopped = record(jnp.full((b, steps), -1, jnp.int32), jnp.zeros(b, jnp.int32),
+                                     ~active, jnp.zeros(b, bool), token, 0)
+
+  def cond(carry):
+    step, _, _, _, _, done, _ = carry
+    return (step < steps) & ~jnp.all(done)
+
+  def body(carry):
+    step, state, token, out, count, done, stopped = carry
+    state = _append(model, params, state, token[:, None], jnp.ones((b, 1), bool))
+    token = pick(state.logits, step)
+    out, count, done, stopped = record(out, count, done, stopped, token, step)
+    return step + 1, state, token, out, count, done, stopped
+
+  _, state, _, out, count, _, stopped = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), state, token, out, count, done, stopped))
+  return out, count, stopped, state
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _as_ids(i: int, what: str, ids, vocab: int) -> np.ndarray:
+  arr = np.asarray(ids)
+  if arr.size == 0:
+    return np.zeros(0, np.int32)
+  if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+    raise EngineError(f"request {i}: {what} must be a flat sequence of integer ids, got shape "
+                      f"{arr.shape} dtype {arr.dtype}")
+  bad = arr[(arr < 0) | (arr >= vocab)]
+  if bad.size:
+    raise EngineError(f"request {i}: {what} contains {int(bad[0])}, outside the vocabulary "
+                      f"[0, {vocab})")
+  return arr.astype(np.int32)
+
+
+class Engine:
+  """Serves `Request`s against one memory: `view` is an in-memory `MemoryView` of one memory row
+  (`entry_points.encode_memory`) or any view with the same route/gather protocol (the memory bank)
+  that serves a whole batch; None for a model without router layers.
+
+  `max_batch` rows run together; `max_prompt_len` (default: what the model's positions allow) caps
+  the prompt bucket. A model in the scanned layout is served in the per-layer one (same params).
+  """
+
+  def __init__(self, model: MSAForCausalLM, params, view=None, *, max_batch: int = 16,
+               max_prompt_len: int | None = None):
+    c, m = model.config, model.msa
+    _check_view(view, model)
+    position_room = c.max_position_embeddings - m.question_position + m.template_len
+    cap = position_room if max_prompt_len is None else max_prompt_len
+    if max_batch < 1 or cap <= m.template_len:
+      raise EngineError(f"max_batch must be >= 1 and max_prompt_len > the template head "
+                        f"({m.template_len}); got {max_batch}, {cap}")
+    self.model = model.clone(config=c.replace(scan_layers=False, remat_policy="none"), collect=())
+    self.params = unstack_layers(params) if c.scan_layers else params
+    self.view = view
+    self.max_batch = max_batch
+    self.max_prompt_len = cap
+    self.prompt_buckets = power_of_two_buckets(min(MIN_PROMPT_BUCKET, cap), cap)
+    self._prefill = jax.jit(functools.partial(_prefill, self.model), static_argnames=("budget",))
+    self._append = jax.jit(functools.partial(_append, self.model), donate_argnames=("state",))
+    self._decode = jax.jit(functools.partial(_decode, self.model),
+                           static_argnames=("greedy", "steps"), donate_argnames=("state",))
+
+  # ------------------------------------------------------------------ checks and host-side batches
+
+  def check_request(self, i: int, request: Request) -> None:
+    """Raises EngineError naming request `i` and its problem."""
+    c, m = self.model.config, self.model.msa
+    tokens = _as_ids(i, "tokens", request.tokens, c.vocab_size)
+    _as_ids(i, "stop_ids", list(request.stop_ids), c.vocab_size)
+    n = tokens.size
+    if n == 0:
+      raise EngineError(f"request {i}: empty prompt")
+    if len(request.route_mask) != n:
+      raise EngineError(f"request {i}: route_mask has {len(request.route_mask)} entries but the "
+                        f"prompt has {n} tokens")
+    if n <= m.template_len:
+      raise EngineError(f"request {i}: {n} tokens, not more than the memory-blind template head "
+                        f"({m.template_len} tokens): nothing would see the memory")
+    if m.router_layers and not any(request.route_mask):
+      raise EngineError(f"request {i}: route_mask selects no token, so nothing scores the memory")
+    if request.max_new_tokens < 1:
+      raise EngineError(f"request {i}: max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    if n > self.max_prompt_len:
+      raise EngineError(f"request {i}: prompt of {n} tokens is longer than the limit "
+                        f"{self.max_prompt_len} (max_prompt_len / the model's positions)")
+    last = m.question_position + (n - m.template_len) + request.max_new_tokens - 1
+    if last >= c.max_position_embeddings:
+      raise EngineError(f"request {i}: prompt ({n} tokens) plus max_new_tokens "
+                        f"({request.max_new_tokens}) reach position {last}, beyond the model's "
+                        f"max_position_embeddings ({c.max_position_embeddings})")
+
+  def _prompt_batch(self, requests: Sequence[Request]) -> PromptBatch:
+    """Rows in the training layout (batch_builder's): head at 0..T-1, the rest from the question
+    position on, seeing memory; padded to the prompt and batch buckets (padding rows repeat row 0)."""
+    m = self.model.msa
+    s = bucket_length(max(len(r.tokens) for r in requests), self.prompt_buckets)
+    b = next_power_of_two(len(requests))
+    cols = np.arange(s)
+    arrays = {k: [] for k in ("tokens", "segment_ids", "positions", "route_mask", "sees_memory")}
+    for r in list(requests) + [requests[0]] * (b - len(requests)):
+      n = len(r.tokens)
+      valid = cols < n
+      arrays["tokens"].append(np.where(valid, np.pad(np.asarray(r.tokens, np.int32), (0, s - n)), 0))
+      arrays["segment_ids"].append(valid.astype(np.int32))
+      arrays["positions"].append(np.where(cols < m.template_len, cols,
+                                          m.question_position + cols - m.template_len) * valid)
+      arrays["route_mask"].append(np.pad(np.asarray(r.route_mask, bool), (0, s - n)))
+      arrays["sees_memory"].append(valid & (cols >= m.template_len))
+    a = {k: jnp.asarray(np.stack(v)) for k, v in arrays.items()}
+    return PromptBatch(tokens=a["tokens"], segment_ids=a["segment_ids"],
+                       positions=a["positions"].astype(jnp.int32), route_mask=a["route_mask"],
+                       sees_memory=a["sees_memory"], labels=jnp.full((b, s), -1, jnp.int32),
+                       doc_labels=jnp.zeros((b, 0), jnp.int32))
+
+  # ------------------------------------------------------------------ the API
+
+  def prefill(self, requests: Sequence[Request], budget: int | None = None
+              ) -> tuple[DecodeState, list[list[LayerRouting]]]:
+    """Stage 2 for at most `max_batch` requests: the decode state (rows padded to the batch bucket,
+    `budget` free cache slots, default the new-tokens bucket) and each request's routing."""
+    if not requests:
+      raise EngineError("no requests")
+    if len(requests) > self.max_batch:
+      raise EngineError(f"{len(requests)} requests in one prefill; at most max_batch="
+                        f"{self.max_batch} (generate() splits larger lists)")
+    for i, r in enumerate(requests):
+      self.check_request(i, r)
+    if budget is None:
+      budget = next_power_of_two(max(r.max_new_tokens for r in requests), MIN_NEW_TOKENS_BUCKET)
+    state, selections = self._prefill(self.params, self._prompt_batch(requests), self.view,
+                                      budget=budget)
+    return state, _routing(jax.device_get(selections), self.model.msa.router_layers, len(requests))
+
+  def append(self, state: DecodeState, tokens: Sequence[Sequence[int]]) -> DecodeState:
+    """Appends each row's `tokens` (rows of different lengths allowed, any may be empty) at once;
+    `state` is consumed. Raises if the cache has no room."""
+    b = state.next_position.shape[0]
+    if len(tokens) > b:
+      raise EngineError(f"{len(tokens)} token rows for a batch of {b}")
+    n = max([len(t) for t in tokens] + [1])
+    room = int(kv_cache.free_slots(state.caches))
+    if n > room:
+      raise EngineError(f"appending {n} tokens, but the cache has room for {room}")
+    ids = np.zeros((b, n), np.int32)
+    valid = np.zeros((b, n), bool)
+    for i, t in enumerate(tokens):
+      ids[i, :len(t)] = _as_ids(i, "appended tokens", list(t), self.model.config.vocab_size)
+      valid[i, :len(t)] = True
+    return self._append(self.params, state, jnp.asarray(ids), jnp.asarray(valid))
+
+  def decode(self, state: DecodeState, requests: Sequence[Request], sampling_cfg: SamplingConfig,
+             row_ids: Sequence[int] | None = None):
+    """Stage 3 from `state` (consumed) for the rows of `requests` (padding rows beyond them are
+    skipped): (tokens per request, stopped per request, the final state)."""
+    b = state.next_position.shape[0]
+    steps = next_power_of_two(max(r.max_new_tokens for r in requests), MIN_NEW_TOKENS_BUCKET)
+    room = int(kv_cache.free_slots(state.caches))
+    if steps - 1 > room:
+      raise EngineError(f"decoding up to {steps} tokens needs {steps - 1} free cache slots; the "
+                        f"cache has {room}")
+    width = next_power_of_two(max([len(r.stop_ids) for r in requests] + [1]), MIN_STOP_BUCKET)
+    stop = np.full((b, width), -1, np.int32)
+    max_new = np.zeros(b, np.int32)
+    for i, r in enumerate(requests):
+      stop[i, :len(r.stop_ids)] = r.stop_ids
+      max_new[i] = r.max_new_tokens
+    rows = np.arange(b) if row_ids is None else np.pad(np.asarray(row_ids), (0, b - len(row_ids)))
+    if sampling_cfg.temperature < 0 or not 0 < sampling_cfg.top_p <= 1:
+      raise EngineError(f"temperature must be >= 0 and top_p in (0, 1], got "
+                        f"{sampling_cfg.temperature}, {sampling_cfg.top_p}")
+    greedy = sampling_cfg.temperature == 0
+    out, count, stopped, state = self._decode(
+        self.params, state, jnp.asarray(stop), jnp.asarray(max_new),
+        jnp.asarray(np.arange(b) < len(requests)), jnp.asarray(rows, jnp.int32),
+        jax.random.key(sampling_cfg.seed), jnp.float32(sampling_cfg.temperature or 1.0),
+        jnp.float32(sampling_cfg.top_p), greedy=greedy, steps=steps)
+    out, count, stopped = jax.device_get((out, count, stopped))
+    tokens = [out[i, :count[i]].tolist() for i in range(len(requests))]
+    return tokens, [bool(s) for s in stopped[:len(requests)]], state
+
+  def generate(self, requests: Sequence[Request],
+               sampling_cfg: SamplingConfig = SamplingConfig()) -> list[Generation]:
+    """One `Generation` per request, in order. Requests run in batches of up to `max_batch`,
+    grouped by prompt length; a request's tokens do not depend on the others."""
+    if not requests:
+      raise EngineError("no requests")
+    for i, r in enumerate(requests):
+      self.check_request(i, r)
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].tokens))
+    results: list[Any] = [None] * len(requests)
+    for start in range(0, len(order), self.max_batch):
+      group = order[start:start + self.max_batch]
+      batch = [requests[i] for i in group]
+      state, routing = self.prefill(batch)
+      tokens, stopped, _ = self.decode(state, batch, sampling_cfg, row_ids=group)
+      for j, i in enumerate(group):
+        results[i] = Generation(tokens=tokens[j], stopped=stopped[j], routing=routing[j])
+    return results
+
+
+def _check_view(view, model: MSAForCausalLM) -> None:
+  """The view must hold the model's router layers (else it was built by another model)."""
+  routers = model.msa.router_layers
+  if view is None:
+    if routers:
+      raise EngineError(f"the model routes at layers {routers}; it needs a memory view")
+    return
+  held = tuple(getattr(view, "router_layers", ()))
+  if held != routers:
+    raise EngineError(f"the memory view holds router layers {held} but the model routes at "
+                      f"{routers}: was it built by another model?")
+  if isinstance(view, MemoryView):
+    c = model.config
+    shape = tuple(view.layers.k.shape)
+    if shape[-2:] != (c.num_kv_heads, c.head_dim):
+      raise EngineError(f"the memory view's keys have {shape[-2]} heads of {shape[-1]} dims but "
+                        f"the model has {c.num_kv_heads} of {c.head_dim}: built by another model?")
+    if shape[1] != 1:
+      raise EngineError(f"the engine serves one memory shared by all requests; this MemoryView "
+                        f"holds {shape[1]} memory rows (encode the memory as one row)")
+
+
+def _routing(selections, router_layers, n: int) -> list[list[LayerRouting]]:
+  """Per request, per router layer: the selected documents best first, with their scores. A view
+  whose selection carries `doc_index` (the bank) gives global indices; otherwise document columns
+  of the in-memory view are its 0-based document indices."""
+  out = [[] for _ in range(n)]
+  for layer, sel in zip(router_layers, selections):
+    scores = np.asarray(sel.doc_scores, np.float32)
+    chosen = np.asarray(sel.doc_selected, bool)
+    index = getattr(sel, "doc_index", None)
+    for b in range(n):
+      if index is not None:
+        docs, s = np.asarray(index[b])[chosen[b]], scores[b][chosen[b]]
+      else:
+        cols = np.flatnonzero(chosen[b])
+        order = np.argsort(-scores[b][cols], kind="stable")
+        docs, s = cols[order], scores[b][cols][order]
+      out[b].append(LayerRouting(layer=layer, doc_index=docs.astype(np.int64), scores=s))
+  return out
