@@ -1,31 +1,107 @@
-"""Greedy generation from a checkpoint (msa_jax or Hugging Face directory) for a text prompt.
+"""Answers questions over a memory bank with Memory Interleave, printing the ids retrieved in each
+round and the answer; or, without a bank, continues a plain prompt with the backbone.
 
-  python experiments/generate.py --checkpoint=/tmp/tiny_msa --prompt="Hello" --max_new_tokens=8
+  python experiments/generate.py --checkpoint=models/tiny_msa --bank=/tmp/bank \
+      --question="What is the food of Vamoel Fambow?" --question="..."
+  python experiments/generate.py --checkpoint=models/tiny_msa --bank=/tmp/bank \
+      --questions_file=questions.txt --out=/tmp/answers.json     # one question per line, or JSONL
+  python experiments/generate.py --checkpoint=/tmp/qwen3 --prompt="Hello" --max_new_tokens=8
 """
+
+import json
+import os
+import sys
 
 from absl import app, flags
 
 import msa_jax
-from msa_jax.inference.greedy import greedy_generate
 from msa_jax.cli import quiet_library_logs
+from msa_jax.data.records import RecordError
+from msa_jax.inference import flags as serving_flags
+from msa_jax.inference.greedy import greedy_generate
+from msa_jax.inference.queries import read_queries
+from msa_jax.inference.serving import open_server
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
-_PROMPT = flags.DEFINE_string("prompt", "Hello, memory!", "Prompt text.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate.")
+_BANK = flags.DEFINE_string("bank", None, "Memory bank (experiments/encode_memory.py) to ask.")
+_QUESTION = flags.DEFINE_multi_string("question", [], "A question (repeat for several).")
+_QUESTIONS_FILE = flags.DEFINE_string("questions_file", None, "Questions: a text file, one per "
+                                      "line, or our JSONL records (.jsonl).")
+_OUT = flags.DEFINE_string("out", None, "Also write every answer with its rounds as JSON here.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Without a bank: a plain prompt to continue.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 16, "Plain prompt: tokens to generate.")
 
 
-def main(argv):
-  del argv
-  quiet_library_logs()
-  loaded = msa_jax.load(_CHECKPOINT.value)
-  if loaded.tokenizer is None:
-    raise app.UsageError(f"{_CHECKPOINT.value} has no tokenizer.json")
+def _questions() -> list[str]:
+  questions = list(_QUESTION.value)
+  path = _QUESTIONS_FILE.value
+  if path:
+    if path.lower().endswith(".jsonl"):
+      questions += [q.question for q in read_queries(path)]
+    else:
+      with open(path, encoding="utf-8") as f:
+        questions += [line.strip() for line in f if line.strip()]
+      if not questions:
+        raise RecordError(f"{path}: no questions (the file is empty)")
+  return questions
+
+
+def _plain(loaded) -> None:
   prompt_ids = loaded.tokenizer.encode(_PROMPT.value)
   new_ids = greedy_generate(loaded, prompt_ids, _MAX_NEW_TOKENS.value,
                             stop_ids=(loaded.tokenizer.im_end_id,))
   print(f"prompt ids: {prompt_ids}")
   print(f"generated ids: {new_ids}")
   print(f"generated text: {loaded.tokenizer.decode(new_ids)!r}")
+
+
+def _write_json(obj, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def main(argv):
+  del argv
+  quiet_library_logs()
+  if not _BANK.value:
+    if _QUESTION.value or _QUESTIONS_FILE.value:
+      raise app.UsageError("questions need a memory: pass --bank (without one, --prompt "
+                           "continues a plain prompt)")
+    if _PROMPT.value is None:
+      raise app.UsageError("pass --bank with --question/--questions_file, or --prompt")
+  elif _PROMPT.value is not None:
+    raise app.UsageError("--prompt is for generation without a bank; ask --question instead")
+  try:
+    config = serving_flags.interleave_config()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  loaded = msa_jax.load(_CHECKPOINT.value)
+  if loaded.tokenizer is None:
+    raise app.UsageError(f"{_CHECKPOINT.value} has no tokenizer.json")
+  if not _BANK.value:
+    _plain(loaded)
+    return
+  try:
+    questions = _questions()
+    if not questions:
+      raise app.UsageError("no questions: pass --question or --questions_file")
+    server = open_server(loaded, _BANK.value, **serving_flags.server_kwargs())
+    results = server.driver(config).run(questions)
+  except ValueError as e:  # BankError, RecordError, EngineError: bad input, said clearly
+    sys.exit(f"generate: {e}")
+  for n, result in enumerate(results):
+    print(f"Q{n}: {result.question}")
+    for r in result.rounds:
+      if r.phase == "retrieve":
+        unknown = f"  (unknown, ignored: {r.unknown_ids})" if r.unknown_ids else ""
+        print(f"  round {r.round}: ids {r.ids}{unknown}  text {r.text!r}")
+    print(f"  answer: {result.answer!r}  ({result.status})")
+  if _OUT.value:
+    _write_json([r.to_json() for r in results], _OUT.value)
+    print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""The memory demo: one set of single-hop and multi-hop questions asked of synthetic memories of
+growing size (the paper's Figure 1 for our model).
+
+For every size the memory (`synthetic_memory.level`: the questions' gold documents plus
+distractors, shuffled, with fresh display ids) is encoded into its own bank, the questions are
+answered together by Memory Interleave over it, and each answer is scored: answer exact match, and
+retrieval accuracy (the ids the model wrote over all rounds are exactly the gold documents) with
+retrieval recall. The report holds every question's rounds, and a table of size vs accuracy that
+`write_report` saves as JSON and PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Sequence
+
+from msa_jax.api import LoadedModel
+from msa_jax.data import prompt_format as pf
+from msa_jax.inference import qa_eval, serving, synthetic_memory
+from msa_jax.inference.interleave import InterleaveConfig
+from msa_jax.inference.queries import Query
+from msa_jax.memory.corpus import Document
+from msa_jax.memory.encode import encode_corpus
+
+COLUMNS = (("exact_match", "answer EM"), ("retrieval_exact", "retrieval acc"),
+           ("retrieval_recall", "retrieval recall"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+  sizes: tuple[int, ...] = (1 << 14, 1 << 16, 1 << 18, 1 << 20)
+  num_single: int = 8
+  num_multi: int = 4
+  seed: int = 0
+  min_doc_tokens: int = 16
+  max_doc_tokens: int = 512
+  interleave: InterleaveConfig = InterleaveConfig()
+  row_tokens: int = 1024
+  batch_rows: int = 16
+  memory_devices: int | None = None
+
+
+def _label(tokens: int) -> str:
+  for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+    if tokens >= scale and tokens % scale == 0:
+      return f"{tokens // scale}{unit}"
+  return str(tokens)
+
+
+def _describe(size: int, query: Query, row: dict) -> str:
+  rounds = []
+  for r in row["rounds"]:
+    if r["phase"] == "retrieve":
+      text = "".join(f"[{i}]" for i in r["ids"])
+      text += f" (unknown: {r['unknown_ids']})" if r["unknown_ids"] else ""
+      text += pf.END_OF_RETRIEVE if pf.END_OF_RETRIEVE in r["text"] else ""
+      rounds.append(text or "(no ids)")
+  mark = "right" if row["exact_match"] else "wrong"
+  return (f"[{_label(size)}] {query.task}: {query.question}\n"
+          f"    retrieved per round: {' -> '.join(rounds) or '(none)'}   gold: "
+          f"{list(query.gold_ids)}\n"
+          f"    answer: {row['prediction']!r} ({mark}; expected {query.answer!r}, "
+          f"{row['status']})")
+
+
+def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
+             log: Callable[[str], None] = print) -> dict:
+  """Builds, encodes and questions every memory size; returns the report (see the module doc).
+  Banks are written under `work_dir` and removed once evaluated."""
+  if loaded.tokenizer is None:
+    raise ValueError("the demo needs the model's tokenizer")
+  sizes = sorted(set(settings.sizes))
+  if not sizes or sizes[0] <= 0:
+    raise ValueError(f"memory sizes must be positive, got {settings.sizes}")
+  tokenizer = loaded.tokenizer
+  length = lambda text: len(tokenizer.encode(text))
+  start = time.perf_counter()
+  pool = synthetic_memory.build_pool(
+      sizes[-1], num_single=settings.num_single, num_multi=settings.num_multi,
+      seed=settings.seed, length_fn=length, min_doc_tokens=settings.min_doc_tokens,
+      max_doc_tokens=settings.max_doc_tokens)
+  log(f"built a pool of {len(pool.documents)} documents ({pool.num_gold} gold) for "
+      f"{len(pool.questions)} questions in {time.perf_counter() - start:.1f} s")
+  os.makedirs(work_dir, exist_ok=True)
+  levels = []
+  for size in sizes:
+    memory = synthetic_memory.level(pool, size, seed=settings.seed, length_fn=length)
+    log(f"memory {_label(size)}: {len(memory.texts)} documents, {memory.tokens} tokens; encoding")
+    bank_dir = tempfile.mkdtemp(prefix=f"bank_{_label(size)}_", dir=work_dir)
+    try:
+      bank = os.path.join(bank_dir, "bank")
+      t0 = time.perf_counter()
+      encode_corpus(loaded.model, loaded.params, tokenizer,
+                    [Document(t, i) for t, i in zip(memory.texts, memory.display_ids)], bank,
+                    row_tokens=settings.row_tokens, batch_rows=settings.batch_rows, log=log)
+      encode_s = time.perf_counter() - t0
+      queries = [Query(q.question, q.answer, tuple(memory.gold_ids(q)), q.task)
+                 for q in memory.questions]
+      server = serving.open_server(loaded, bank, memory_devices=settings.memory_devices,
+                                   max_batch=len(queries), pad_batch_to=len(queries))
+      t0 = time.perf_counter()
+      result = qa_eval.evaluate(server.driver(settings.interleave), queries,
+                                batch_size=len(queries), log=None)
+      answer_s = time.perf_counter() - t0
+    finally:
+      shutil.rmtree(bank_dir, ignore_errors=True)
+    for q, row in zip(queries, result["records"]):
+      log(_describe(size, q, row))
+    levels.append({"memory_tokens": size, "label": _label(size), "documents": len(memory.texts),
+                   "tokens": memory.tokens, "encode_s": encode_s, "answer_s": answer_s,
+                   "summary": result["summary"], "records": result["records"]})
+  return {"settings": {**dataclasses.asdict(settings), "sizes": sizes},
+          "questions": len(pool.questions), "seconds": time.perf_counter() - start,
+          "levels": levels}
+
+
+def format_table(report: dict) -> str:
+  """Memory size vs accuracy, overall and per task."""
+  tasks = sorted({t for lv in report["levels"] for t in lv["summary"] if t != "all"})
+  header = ["memory", "docs"] + [name for _, name in COLUMNS] + [
+      f"EM {t}" for t in tasks]
+  rows = [header]
+  for lv in report["levels"]:
+    s = lv["summary"]
+    rows.append([lv["label"], str(lv["documents"])] +
+                [f"{s['all'].get(k, 0.0):.3f}" for k, _ in COLUMNS] +
+                [f"{s[t]['exact_match']:.3f} (n={s[t]['n']})" if t in s else "-" for t in tasks])
+  widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+  return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+
+
+def _plot(report: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  levels = report["levels"]
+  x = [lv["tokens"] for lv in levels]
+  fig, ax = plt.subplots(figsize=(6.0, 4.0))
+  for key, name in COLUMNS:
+    ax.plot(x, [lv["summary"]["all"].get(key, 0.0) for lv in levels], marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(x, [lv["label"] for lv in levels])
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel("memory size (tokens)")
+  ax.set_ylabel("fraction of questions")
+  ax.set_title(f"Memory Interleave on synthetic memories ({report['questions']} questions)",
+               fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str) -> tuple[str, str]:
+  """`demo.json` and `demo.png` in `out_dir`, each written to a temporary name and renamed."""
+  os.makedirs(out_dir, exist_ok=True)
+  json_path, png_path = os.path.join(out_dir, "demo.json"), os.path.join(out_dir, "demo.png")
+  for path, write in ((json_path, lambda p: _write_json(report, p)),
+                      (png_path, lambda p: _plot(report, p))):
+    tmp = f"{path}.tmp.{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+      write(tmp)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return json_path, png_path
+
+
+def _write_json(report: dict, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+    f.write("\n")
