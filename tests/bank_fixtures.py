@@ -44,3 +44,24 @@ def bank_from_encoded(view, row: int = 0) -> ArrayBank:
   return ArrayBank(view.router_layers, np.concatenate([[0], np.cumsum(counts)]),
                    {"router_keys": pick(layers.k_r), "content_k": pick(layers.k),
                     "content_v": pick(layers.v)})
+
+
+def random_keys(rng, counts, hkv: int, d: int, *, ties=()):
+  """Random router keys [C, Hkv, D] for documents of `counts` chunks, and their CSR offsets; each
+  (src, dst) in `ties` copies document src's keys onto document dst (same chunk count), so their
+  scores tie exactly."""
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  keys = rng.standard_normal((offsets[-1], hkv, d)).astype(np.float32)
+  for src, dst in ties:
+    assert counts[src] == counts[dst]
+    keys[offsets[dst]:offsets[dst + 1]] = keys[offsets[src]:offsets[src + 1]]
+  return keys, offsets
+
+
+def random_bank(seed: int, counts, hkv: int, d: int, *, ties=()) -> ArrayBank:
+  """A one-router-layer bank of random keys and content (the same for the same seed)."""
+  rng = np.random.default_rng(seed)
+  keys, offsets = random_keys(rng, counts, hkv, d, ties=ties)
+  content = rng.standard_normal((2,) + keys.shape).astype(np.float32)
+  return ArrayBank((0,), offsets, {"router_keys": keys[None], "content_k": content[:1],
+                                   "content_v": content[1:]})

@@ -11,6 +11,7 @@ from msa_jax import config as cfglib
 from msa_jax.memory import routing
 from msa_jax.model import router
 from msa_jax.sharding import make_mesh
+from tests.bank_fixtures import random_keys
 
 HKV, D, H = 2, 8, 4
 # chunk counts per document: one long document, many one-chunk ones
@@ -18,14 +19,7 @@ COUNTS = [1, 13, 2, 3, 1, 6, 1, 1, 4, 2, 1, 3]
 
 
 def _bank(rng, counts, *, ties=()):
-  """Random router keys [C, Hkv, D] and CSR offsets; each (src, dst) in `ties` copies document src's
-  keys onto document dst (same chunk count), so their scores tie exactly."""
-  offsets = np.concatenate([[0], np.cumsum(counts)])
-  keys = rng.standard_normal((offsets[-1], HKV, D)).astype(np.float32)
-  for src, dst in ties:
-    assert counts[src] == counts[dst]
-    keys[offsets[dst]:offsets[dst + 1]] = keys[offsets[src]:offsets[src + 1]]
-  return keys, offsets
+  return random_keys(rng, counts, HKV, D, ties=ties)
 
 
 def _single_device(q_r, mask, keys, offsets, cfg, coupled):

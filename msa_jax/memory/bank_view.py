@@ -206,6 +206,10 @@ def open_view(bank, mesh, msa: MSAConfig, *, tier: str = "auto", batch_axis=None
   tier = tiers.choose_tier(per_shard + keys_bytes, per_shard * local_shards,
                            free_device=tiers.free_device_bytes(mesh.devices.flat),
                            free_host=tiers.free_host_bytes(), host_kind=host_kind, forced=tier)
+  if jax.process_count() > 1:  # every process must compile the same program: the most cautious
+    from jax.experimental import multihost_utils
+    chosen = multihost_utils.process_allgather(np.int32(tiers.TIERS.index(tier)))
+    tier = tiers.TIERS[int(np.max(chosen))]
   shape = (len(layers), plan.num_shards * plan.slots_per_shard) + tuple(row_shape)
 
   def place(name, dtype, memory_kind=None):

@@ -47,10 +47,13 @@ def free_host_bytes() -> int:
 
 
 def free_device_bytes(devices) -> int | None:
-  """The smallest free accelerator memory among `devices`, or None where the backend does not say
-  (CPU: device memory is host RAM, so the caller treats the host's free memory as the limit)."""
+  """The smallest free accelerator memory among this process's `devices`, or None where the backend
+  does not say (CPU: device memory is host RAM, so the caller treats the host's free memory as the
+  limit). Other processes' devices cannot be asked; they choose the same way on their host."""
   free = []
   for d in devices:
+    if d.process_index != jax.process_index():
+      continue
     stats = d.memory_stats() if hasattr(d, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
       return None
