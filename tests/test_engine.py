@@ -15,9 +15,12 @@ from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.inference import sampling
 from msa_jax.inference.engine import Engine, EngineError, _routing
 from msa_jax.inference.requests import Request, SamplingConfig
+from msa_jax.memory.bank_view import open_view
 from msa_jax.model import entry_points
 from msa_jax.model.memory_view import MemoryView
 from msa_jax.model.model import MSAForCausalLM
+from msa_jax.sharding import make_mesh
+from tests.bank_fixtures import bank_from_encoded
 
 HEAD = [1, 2, 3]
 DOCS = [[5, 9, 3, 7, 2, 8, 11], [12, 4, 6, 30], [40, 41, 42, 43, 44, 45, 46, 47, 48], [60, 61, 62]]
@@ -120,6 +123,18 @@ def test_batching_and_padding_do_not_change_tokens(setup):
     assert alone.tokens == g.tokens and alone.stopped == g.stopped
     for a, b in zip(alone.routing, g.routing):
       np.testing.assert_array_equal(a.doc_index, b.doc_index)
+
+
+def test_a_bank_view_on_four_memory_shards_generates_the_same(setup):
+  model, params, engine = setup
+  bank = bank_from_encoded(engine.view)
+  view = open_view(bank, make_mesh((4,), ("memory",)), model.msa, slot_multiple=4)
+  over_bank = Engine(model, params, view, max_batch=2).generate(REQUESTS)
+  for g, ref in zip(over_bank, engine.generate(REQUESTS)):
+    assert g.tokens == ref.tokens and g.stopped == ref.stopped
+    for a, b in zip(g.routing, ref.routing):
+      np.testing.assert_array_equal(a.doc_index, b.doc_index)  # global = in-memory document order
+      np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
 def test_stop_ids_and_max_new_tokens(setup):

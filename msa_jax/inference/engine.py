@@ -1,27 +1,27 @@
-"""The generation engine: batched prefill (stage 2) and KV-cached decode (stage 3) over a memory view.
+"""The generation engine: batched prefill (stage 2) and KV-cached decode (stage 3) over a memory.
 
     engine = Engine(model, params, encoded.view)          # or a memory bank's view
     out = engine.generate([Request(tokens, route_mask, max_new_tokens=32, stop_ids=(im_end,))],
                           SamplingConfig(temperature=0.0))
 
 Prefill runs the model's prompt path unchanged (per router layer route -> gather -> attention over
-[selected chunks | prompt], the template head being the prompt's memory-blind first tokens) and keeps
-every key it attended in a preallocated cache (`kv_cache`); decoding appends tokens there, so memory
-is routed once per prefill, as in the official stage 3 (MSA_REFERENCE_IMPL.md §3.3). The whole decode
-loop is one `lax.while_loop` on the device: no host round trip per token.
+[selected chunks | prompt], the template head being the prompt's memory-blind first tokens) and
+keeps every key it attended in a preallocated cache (`kv_cache`); decoding appends tokens there, so
+memory is routed once per prefill, as in the official stage 3 (MSA_REFERENCE_IMPL.md §3.3). The
+whole decode loop is one `lax.while_loop` on the device: no host round trip per token.
 
 Bucket policy (bounds recompilation: one prefill and one decode program per bucket combination):
 - prompt length: the next power of two >= max(16, longest prompt of the batch), capped at
   `max_prompt_len` (itself a bucket); longer prompts are refused;
-- batch: the next power of two >= the number of requests, at most `max_batch`; more requests run in
-  successive batches, grouped by prompt length; padding rows repeat a real row and are discarded;
+- batch: the next power of two >= the number of requests, or `max_batch` if smaller; more requests
+  run in successive batches, grouped by prompt length; padding rows repeat a real row and are
+  discarded;
 - new tokens: the next power of two >= max(8, largest `max_new_tokens` of the batch);
 - stop ids: the next power of two >= max(4, most stop ids of a request).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.struct
@@ -152,6 +152,13 @@ def _decode(model: MSAForCausalLM, params, state: DecodeState, stop_ids, max_new
   return out, count, stopped, state
 
 
+# compiled programs are shared by every engine of one model (the model is a static argument)
+_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("budget",))
+_append_jit = jax.jit(_append, static_argnums=0, donate_argnames=("state",))
+_decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("greedy", "steps"),
+                      donate_argnames=("state",))
+
+
 # --------------------------------------------------------------------------- the engine
 
 
@@ -193,10 +200,6 @@ class Engine:
     self.max_batch = max_batch
     self.max_prompt_len = cap
     self.prompt_buckets = power_of_two_buckets(min(MIN_PROMPT_BUCKET, cap), cap)
-    self._prefill = jax.jit(functools.partial(_prefill, self.model), static_argnames=("budget",))
-    self._append = jax.jit(functools.partial(_append, self.model), donate_argnames=("state",))
-    self._decode = jax.jit(functools.partial(_decode, self.model),
-                           static_argnames=("greedy", "steps"), donate_argnames=("state",))
 
   # ------------------------------------------------------------------ checks and host-side batches
 
@@ -229,16 +232,16 @@ class Engine:
 
   def _prompt_batch(self, requests: Sequence[Request]) -> PromptBatch:
     """Rows in the training layout (batch_builder's): head at 0..T-1, the rest from the question
-    position on, seeing memory; padded to the prompt and batch buckets (padding rows repeat row 0)."""
+    position on, seeing memory; padded to the prompt and batch buckets (extra rows repeat row 0)."""
     m = self.model.msa
     s = bucket_length(max(len(r.tokens) for r in requests), self.prompt_buckets)
-    b = next_power_of_two(len(requests))
+    b = min(next_power_of_two(len(requests)), self.max_batch)
     cols = np.arange(s)
     arrays = {k: [] for k in ("tokens", "segment_ids", "positions", "route_mask", "sees_memory")}
     for r in list(requests) + [requests[0]] * (b - len(requests)):
       n = len(r.tokens)
       valid = cols < n
-      arrays["tokens"].append(np.where(valid, np.pad(np.asarray(r.tokens, np.int32), (0, s - n)), 0))
+      arrays["tokens"].append(np.pad(np.asarray(r.tokens, np.int32), (0, s - n)))
       arrays["segment_ids"].append(valid.astype(np.int32))
       arrays["positions"].append(np.where(cols < m.template_len, cols,
                                           m.question_position + cols - m.template_len) * valid)
@@ -265,8 +268,8 @@ class Engine:
       self.check_request(i, r)
     if budget is None:
       budget = next_power_of_two(max(r.max_new_tokens for r in requests), MIN_NEW_TOKENS_BUCKET)
-    state, selections = self._prefill(self.params, self._prompt_batch(requests), self.view,
-                                      budget=budget)
+    state, selections = _prefill_jit(self.model, self.params, self._prompt_batch(requests),
+                                     self.view, budget=budget)
     return state, _routing(jax.device_get(selections), self.model.msa.router_layers, len(requests))
 
   def append(self, state: DecodeState, tokens: Sequence[Sequence[int]]) -> DecodeState:
@@ -284,7 +287,7 @@ class Engine:
     for i, t in enumerate(tokens):
       ids[i, :len(t)] = _as_ids(i, "appended tokens", list(t), self.model.config.vocab_size)
       valid[i, :len(t)] = True
-    return self._append(self.params, state, jnp.asarray(ids), jnp.asarray(valid))
+    return _append_jit(self.model, self.params, state, jnp.asarray(ids), jnp.asarray(valid))
 
   def decode(self, state: DecodeState, requests: Sequence[Request], sampling_cfg: SamplingConfig,
              row_ids: Sequence[int] | None = None):
@@ -307,8 +310,8 @@ class Engine:
       raise EngineError(f"temperature must be >= 0 and top_p in (0, 1], got "
                         f"{sampling_cfg.temperature}, {sampling_cfg.top_p}")
     greedy = sampling_cfg.temperature == 0
-    out, count, stopped, state = self._decode(
-        self.params, state, jnp.asarray(stop), jnp.asarray(max_new),
+    out, count, stopped, state = _decode_jit(
+        self.model, self.params, state, jnp.asarray(stop), jnp.asarray(max_new),
         jnp.asarray(np.arange(b) < len(requests)), jnp.asarray(rows, jnp.int32),
         jax.random.key(sampling_cfg.seed), jnp.float32(sampling_cfg.temperature or 1.0),
         jnp.float32(sampling_cfg.top_p), greedy=greedy, steps=steps)

@@ -8,8 +8,8 @@ program for every step of a bucket. The memory chunks stay as the prefill select
 official stage 3 does not route again, MSA_REFERENCE_IMPL.md §3.3).
 
 Masking follows `segment_attention`'s rule (kv_seg equal to the query's, kv_idx <= q_idx): slot j of
-the decode region has idx S + j (S = the prefill's prompt length), so tokens appended together attend
-causally among themselves, and unwritten slots (seg 0) are invisible.
+the decode region has idx S + j (S = the prefill's prompt length), so tokens appended together
+attend causally among themselves, and unwritten slots (seg 0) are invisible.
 """
 
 from __future__ import annotations

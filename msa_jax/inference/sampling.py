@@ -1,4 +1,4 @@
-"""Next-token choice from last-position logits: greedy, or temperature then nucleus (top-p) sampling.
+"""Next-token choice from last-position logits: greedy, or temperature then nucleus (top-p).
 
 Every row draws from its own key (the caller's key folded with the row's request number and the
 step), so a request's sample does not depend on which other requests share its batch.

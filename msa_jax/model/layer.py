@@ -40,9 +40,9 @@ class MSADecoderLayer(nn.Module):
   `((x_mem, x_prompt), memory, prompt, layer_memory) -> ((x_mem, x_prompt), outputs)`.
 
   `outputs` (router layers): "selection" when the prompt routed; "pooled" (the layer's `LayerMemory`)
-  when `collect` asks for it; "prompt_kv" (post-RoPE K, V of the prompt stream) likewise; "kv" (every
-  key the prompt attended, with its segment and index: the gathered memory chunks then the prompt)
-  likewise, to seed a decode cache. With `layer_cache` (decode: an object with `append(k, v, seg) ->
+  when `collect` asks for it; "prompt_kv" (post-RoPE K, V of the prompt stream) likewise; "kv"
+  (every key the prompt attended, with its segment and index: the gathered memory chunks then the
+  prompt) likewise, to seed a decode cache. With `layer_cache` (decode: an object with `append(k, v, seg) ->
   (cache, q_idx)`, see `msa_jax.inference.kv_cache`) the prompt stream's tokens are written into the
   cache and attend over it; outputs["cache"] is the updated cache.
   """
