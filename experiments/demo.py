@@ -37,7 +37,8 @@ def main(argv):
   del argv
   quiet_library_logs()
   try:
-    sizes = sorted({int(s) for s in _SIZES.value if int(s) < _MEMORY.value} | {_MEMORY.value})
+    smaller = [int(s) for s in _SIZES.value if s.strip()]
+    sizes = sorted({s for s in smaller if s < _MEMORY.value} | {_MEMORY.value})
   except ValueError:
     raise app.UsageError(f"--sizes must be integers, got {_SIZES.value}") from None
   loaded = msa_jax.load(_CHECKPOINT.value)

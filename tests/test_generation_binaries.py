@@ -1,0 +1,159 @@
+"""The generation binaries end to end on the shipped tiny model (generate, eval, demo on a tiny
+memory), the synthetic demo memory's invariants, and clear errors for bad input: an empty query
+file, a bank encoded by another model, a question longer than the model takes."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import msa_jax
+from msa_jax.inference import metrics, synthetic_memory
+from msa_jax.inference.serving import open_server
+from msa_jax.memory import BankError
+from msa_jax.memory.corpus import Document
+from msa_jax.memory.encode import encode_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "models", "tiny_msa")
+MEMORY_TOKENS = 2048
+
+
+@pytest.fixture(scope="module")
+def loaded():
+  return msa_jax.load(TINY)
+
+
+def _length(loaded):
+  return lambda text: len(loaded.tokenizer.encode(text))
+
+
+@pytest.fixture(scope="module")
+def memory(loaded):
+  pool = synthetic_memory.build_pool(MEMORY_TOKENS, num_single=1, num_multi=1, seed=3,
+                                     length_fn=_length(loaded), max_doc_tokens=64)
+  return synthetic_memory.level(pool, MEMORY_TOKENS, seed=3, length_fn=_length(loaded))
+
+
+@pytest.fixture(scope="module")
+def bank(loaded, memory, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("bank") / "bank")
+  encode_corpus(loaded.model, loaded.params, loaded.tokenizer,
+                [Document(t, i) for t, i in zip(memory.texts, memory.display_ids)], path,
+                row_tokens=512, batch_rows=4, log=lambda line: None)
+  return path
+
+
+@pytest.fixture(scope="module")
+def query_file(memory, tmp_path_factory):
+  path = tmp_path_factory.mktemp("queries") / "queries.jsonl"
+  with open(path, "w") as f:
+    for q in memory.questions:
+      gold = memory.gold_ids(q)
+      f.write(json.dumps({"documents": [memory.texts[i] for i in gold], "question": q.question,
+                          "answer": q.answer, "task": q.task, "doc_ids": gold,
+                          "positive_ids": [[gold.index(i) for i in hop] for hop in q.hops]}))
+      f.write("\n")
+  return str(path)
+
+
+def _run(script, *args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args],
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_synthetic_memory_levels(loaded):
+  length = _length(loaded)
+  pool = synthetic_memory.build_pool(8192, num_single=2, num_multi=2, seed=0, length_fn=length,
+                                     max_doc_tokens=128)
+  levels = synthetic_memory.levels(pool, [4096, 8192], seed=0, length_fn=length)
+  small, large = levels
+  gold_texts = [[pool.documents[i] for hop in q.hops for i in hop] for q in pool.questions]
+  for level, size in zip(levels, (4096, 8192)):
+    assert level.tokens == sum(length(f"<|im_start|>[{i}]. {t}[{i}]<|im_end|>")
+                               for i, t in zip(level.display_ids, level.texts)) <= size
+    assert level.display_ids == list(range(len(level.texts)))
+    for q, texts in zip(level.questions, gold_texts):  # the gold documents, by their new ids
+      assert [level.texts[i] for hop in q.hops for i in hop] == texts
+    cards = [t.split(".", 1)[0] for t in level.texts if t.split(".", 1)[0].count(" ") == 1]
+    assert len(cards) == len(set(cards))  # one card per person
+  assert set(small.texts) < set(large.texts)
+  assert [q.task for q in pool.questions] == ["fact_lookup"] * 2 + ["multi_hop"] * 2
+  assert all(len(q.hops) >= 2 for q in pool.questions[2:])
+  with pytest.raises(ValueError, match="cannot hold the"):
+    synthetic_memory.level(pool, 256, seed=0, length_fn=length)
+
+
+def test_eval_and_generate_binaries(bank, query_file, memory, tmp_path):
+  out = tmp_path / "eval"
+  result = _run("eval.py", f"--checkpoint={TINY}", f"--bank={bank}", f"--queries={query_file}",
+                f"--out={out}", "--max_rounds=1", "--memory_devices=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "retrieval_precision" in result.stdout
+  rows = json.loads((out / "results.json").read_text())["records"]
+  assert (out / "summary.txt").read_text().strip() in result.stdout
+  assert [r["question"] for r in rows] == [q.question for q in memory.questions]
+  for row, q in zip(rows, memory.questions):
+    assert row["gold_ids"] == memory.gold_ids(q)
+    expected = metrics.score_answer(row["prediction"], q.answer, row["retrieved_ids"],
+                                    row["gold_ids"])
+    assert {k: row[k] for k in expected} == expected
+    assert len([r for r in row["rounds"] if r["phase"] == "retrieve"]) <= 1
+  answers = tmp_path / "answers.json"
+  result = _run("generate.py", f"--checkpoint={TINY}", f"--bank={bank}", "--max_rounds=1",
+                "--memory_devices=1", f"--question={memory.questions[1].question}",
+                f"--out={answers}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  (generated,) = json.loads(answers.read_text())
+  # the same model, bank and greedy decoding: generate.py answers as eval.py did
+  assert generated["answer"] == rows[1]["prediction"]
+  assert generated["retrieved_ids"] == rows[1]["retrieved_ids"]
+  assert f"answer: {generated['answer']!r}" in result.stdout
+  assert f"round 0: ids {generated['rounds'][0]['ids']}" in result.stdout
+
+
+def test_demo_binary_on_a_tiny_memory(tmp_path):
+  result = _run("demo.py", "--memory_tokens=2048", "--sizes=", "--num_single=1",
+                "--num_multi=1", "--max_rounds=1", "--memory_devices=1", f"--out={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "demo.json").read_text())
+  assert (tmp_path / "demo.png").stat().st_size > 0
+  assert [lv["label"] for lv in report["levels"]] == ["2K"]
+  for lv in report["levels"]:
+    assert lv["tokens"] <= lv["memory_tokens"] and len(lv["records"]) == 2
+    for row in lv["records"]:
+      assert f"{row['question']}\n" in result.stdout
+  assert "answer EM" in result.stdout and "retrieval acc" in result.stdout
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("bank_")]  # banks removed
+
+
+def test_empty_query_file_is_a_clear_error(bank, tmp_path):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  result = _run("eval.py", f"--checkpoint={TINY}", f"--bank={bank}", f"--queries={empty}",
+                f"--out={tmp_path / 'out'}")
+  assert result.returncode != 0
+  assert "no records (the file is empty)" in result.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_bank_of_another_model_is_refused(loaded, bank):
+  other_weights = dataclasses.replace(loaded, params=jax.tree.map(lambda x: x * 1.01,
+                                                                  loaded.params))
+  with pytest.raises(BankError, match="other model weights"):
+    open_server(other_weights, bank)
+  other_config = dataclasses.replace(loaded, msa_config=loaded.msa_config.replace(chunk_size=16))
+  with pytest.raises(BankError, match="another model configuration"):
+    open_server(other_config, bank)
+
+
+def test_question_longer_than_the_model_takes(bank):
+  result = _run("generate.py", f"--checkpoint={TINY}", f"--bank={bank}", "--memory_devices=1",
+                "--question=" + "What is the food of Vamoel Fambow? " * 2000)
+  assert result.returncode != 0
+  assert "question 0" in result.stderr and "more than max_context_tokens" in result.stderr
