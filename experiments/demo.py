@@ -43,7 +43,8 @@ def main(argv):
     raise app.UsageError(f"--sizes must be integers, got {_SIZES.value}") from None
   loaded = msa_jax.load(_CHECKPOINT.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
-                          seed=_SEED.value, interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value),
+                          seed=_SEED.value,
+                          interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value),
                           memory_devices=_DEVICES.value)
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()

@@ -8,14 +8,19 @@ from absl import flags
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.requests import SamplingConfig
 
-_MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question that keeps "
-                                   "asking for documents is stopped.")
-_ROUND_TOKENS = flags.DEFINE_integer("round_tokens", 64, "New tokens allowed per retrieval round.")
-_ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", 128, "New tokens allowed for the answer.")
+_DEFAULT = InterleaveConfig()
+_MAX_ROUNDS = flags.DEFINE_integer("max_rounds", _DEFAULT.max_rounds, "Retrieval rounds before a "
+                                   "question that keeps asking for documents is stopped.")
+_ROUND_TOKENS = flags.DEFINE_integer("round_tokens", _DEFAULT.round_tokens,
+                                     "New tokens allowed per retrieval round.")
+_ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", _DEFAULT.answer_tokens,
+                                      "New tokens allowed for the answer.")
 _ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of by the "
                                  "ids the model writes (for models not trained to write ids).")
-_ROUTER_ROUNDS = flags.DEFINE_integer("router_rounds", 1, "Router-only mode: retrieval rounds.")
-_ROUTER_DOCS = flags.DEFINE_integer("router_docs", 1, "Router-only mode: documents per round.")
+_ROUTER_ROUNDS = flags.DEFINE_integer("router_rounds", _DEFAULT.router_rounds,
+                                      "Router-only mode: retrieval rounds.")
+_ROUTER_DOCS = flags.DEFINE_integer("router_docs", _DEFAULT.router_docs,
+                                    "Router-only mode: documents per round.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _SEED = flags.DEFINE_integer("sampling_seed", 0, "Sampling seed.")

@@ -1,5 +1,5 @@
-"""Memory Interleave (paper §3.4, MSA_REFERENCE_IMPL.md §5): multi-round generative retrieval over a
-memory, on token ids.
+"""Memory Interleave (paper §3.4, MSA_REFERENCE_IMPL.md §5): multi-round generative retrieval over
+a memory, on token ids.
 
 Each round the model reads `[head][question][tail][transcript]` and writes document ids,
 `[i][k]<|object_ref_end|>`; the driver appends `[i]. text_i\\n[k]. text_k\\n<|object_ref_end|>` for

@@ -74,7 +74,8 @@ class Judge:
       raise ValueError("the judge needs an endpoint url and a model name")
     self.url = chat_completions_url(url)
     self.model, self.api_key_env = model, api_key_env
-    self.timeout_s, self.retries, self.backoff_s, self.opener = timeout_s, retries, backoff_s, opener
+    self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+    self.opener = opener
 
   def _request(self, prompt: str) -> urllib.request.Request:
     body = json.dumps({"model": self.model, "temperature": 0.0,
@@ -93,7 +94,8 @@ class Judge:
         break
       except urllib.error.HTTPError as e:
         if e.code not in _RETRY_STATUS or attempt == self.retries:
-          raise JudgeError(f"judge endpoint {self.url} answered HTTP {e.code} ({e.reason})") from None
+          raise JudgeError(f"judge endpoint {self.url} answered HTTP {e.code} "
+                           f"({e.reason})") from None
       except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         if attempt == self.retries:
           reason = getattr(e, "reason", e)
