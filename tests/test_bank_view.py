@@ -178,3 +178,5 @@ def test_bad_requests_fail_clearly(setup, encoded):
     open_view(bank, make_mesh((8,), ("data",)), model.msa)
   with pytest.raises(routing.RoutingError, match="unknown content tier"):
     open_view(bank, make_mesh((8,), ("memory",)), model.msa, tier="disk")
+  with pytest.raises(routing.RoutingError, match=r"router layers \[2, 3\] but the model routes in"):
+    open_view(bank, make_mesh((8,), ("memory",)), model.msa.replace(router_layers=(1, 3)))

@@ -193,6 +193,11 @@ def open_view(bank, mesh, msa: MSAConfig, *, tier: str = "auto", batch_axis=None
   device, pinned_host, tensorstore that fits)."""
   if MEMORY_AXIS not in mesh.axis_names:
     raise routing.RoutingError(f"the mesh has no {MEMORY_AXIS!r} axis: {mesh.axis_names}")
+  if tuple(bank.router_layers) != tuple(msa.router_layers):
+    raise routing.RoutingError(f"the bank was encoded for router layers {list(bank.router_layers)}"
+                               f" but the model routes in layers {list(msa.router_layers)}")
+  if bank.num_docs == 0:
+    raise routing.RoutingError("the bank holds no documents")
   plan = routing.plan_shards(bank.doc_chunk_offsets, mesh.shape[MEMORY_AXIS],
                              slot_multiple=slot_multiple)
   layers = tuple(bank.router_layers)

@@ -28,6 +28,7 @@ from msa_jax.config import MSAConfig
 from msa_jax.model import router
 
 MEMORY_AXIS = "memory"
+_NO_DOC = np.iinfo(np.int32).max  # the global index of an empty candidate: past every document
 
 
 class RoutingError(ValueError):
@@ -45,7 +46,7 @@ class ShardPlan:
   doc_shard, doc_local_start, doc_chunks  int32 [N]: shard, first local row, chunk count per document
   chunk_rows  int64 [S, C_s]  the bank row of each local slot (-1 = empty slot)
   chunk_doc   int32 [S, C_s]  the local document column of each slot, 1-based (0 = empty)
-  doc_index   int32 [S, N_s]  the global index of each local document column (num_docs = empty)
+  doc_index   int32 [S, N_s]  the global index of each local document column (empty: _NO_DOC)
   """
 
   num_docs: int
@@ -85,7 +86,7 @@ def plan_shards(doc_chunk_offsets, num_shards: int, *, slot_multiple: int = 8) -
   docs_per_shard = max(1, max(len(d) for d in per_shard))
   chunk_rows = np.full((num_shards, slots), -1, np.int64)
   chunk_doc = np.zeros((num_shards, slots), np.int32)
-  doc_index = np.full((num_shards, docs_per_shard), n, np.int32)
+  doc_index = np.full((num_shards, docs_per_shard), _NO_DOC, np.int32)
   doc_local_start = np.empty(n, np.int32)
   for s, docs in enumerate(per_shard):
     row = 0
@@ -110,7 +111,7 @@ def _local_top_k(q, route_mask, keys, chunk_doc, doc_index, cfg: MSAConfig, k: i
                                         cfg.chunk_reduce)
   top, col = lax.top_k(doc, min(k, columns))  # absent columns are -inf and sit after real ones
   found = jnp.take_along_axis(present, col, axis=-1)
-  return top, jnp.where(found, doc_index[col], jnp.int32(2**31 - 1))
+  return top, jnp.where(found, doc_index[col], _NO_DOC)
 
 
 def _global_top_k(scores, index, k: int, num_docs: int):
@@ -119,7 +120,7 @@ def _global_top_k(scores, index, k: int, num_docs: int):
   b, m = scores.shape
   if m < k:  # fewer candidates than k in the whole mesh: pad with slots that never win
     scores = jnp.concatenate([scores, jnp.full((b, k - m), -jnp.inf, scores.dtype)], axis=1)
-    index = jnp.concatenate([index, jnp.full((b, k - m), 2**31 - 1, index.dtype)], axis=1)
+    index = jnp.concatenate([index, jnp.full((b, k - m), _NO_DOC, index.dtype)], axis=1)
   index, scores = lax.sort((index, scores), dimension=1, num_keys=1)  # ascending global index
   top, pos = lax.top_k(scores, k)
   idx = jnp.take_along_axis(index, pos, axis=-1)
