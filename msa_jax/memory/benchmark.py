@@ -5,7 +5,9 @@ fetch time per content tier, and encode throughput.
             100M memory tokens (router keys drawn at random directly on the devices at the model's
             shape: no encoding), for query batches 1 and 16. The floor is the router-key bytes one
             device streams (its shard, float32) over the copy bandwidth measured in the same run
-            (x -> x + 1 over a large buffer, bytes read plus written).
+            (x -> x + 1 over a large buffer, bytes read plus written). With many queries the score
+            matmul, not the key bytes, bounds it: its FLOPs over the float32 matmul rate measured
+            in the same run are reported too (compute_floor_s).
   fetch     gathering the chunks of k selected documents per request for one layer from each tier:
             device, pinned_host (random content of the model's shape and dtype) and tensorstore (the
             bank the encode step wrote, read through `Bank.read_rows`).
@@ -61,6 +63,7 @@ class MemoryBenchSettings:
   encode_row_tokens: int = 8192
   encode_batch_rows: int = 4
   copy_bytes: int = 2 << 30
+  matmul_size: int = 8192
   steps: int = 20
   warmup: int = 3
   seed: int = 0
@@ -76,7 +79,7 @@ class MemoryBenchSettings:
     if not 0 < low <= high:
       raise benchmarking.BenchError(f"doc_tokens must be 0 < min <= max, got {self.doc_tokens}")
     for name in ("route_tokens", "fetch_memory_tokens", "encode_tokens", "encode_row_tokens",
-                 "encode_batch_rows", "copy_bytes", "steps"):
+                 "encode_batch_rows", "copy_bytes", "matmul_size", "steps"):
       if getattr(self, name) <= 0:
         raise benchmarking.BenchError(f"{name} must be positive, got {getattr(self, name)}")
     if not self.memory_tokens or min(self.memory_tokens) <= 0 or not self.batches:
@@ -87,7 +90,7 @@ def small_settings(**overrides) -> MemoryBenchSettings:
   """Everything at tiny sizes (CPU smoke run)."""
   base = dict(preset="tiny", memory_tokens=(2048, 16384), batches=(1, 4), route_tokens=4,
               doc_tokens=(8, 64), fetch_memory_tokens=4096, encode_preset="tiny",
-              encode_tokens=1500, encode_row_tokens=256, encode_batch_rows=2, copy_bytes=16 << 20,
+              encode_tokens=1500, encode_row_tokens=256, encode_batch_rows=2, copy_bytes=16 << 20, matmul_size=256,
               steps=3, warmup=1)
   return MemoryBenchSettings(**(base | overrides))
 
@@ -117,6 +120,15 @@ def copy_bandwidth(num_bytes: int, *, steps: int, warmup: int) -> dict[str, Any]
   timing = time_call(jax.jit(lambda x: x + 1.0), (x,), steps=steps, warmup=warmup)
   del x
   return {"bytes": 8 * n, "bytes_per_s": 8 * n / timing["median_s"], **timing}
+
+
+def matmul_rate(n: int, *, steps: int, warmup: int) -> dict[str, Any]:
+  """FLOP/s of an [n, n] x [n, n] float32 product at the default precision (what routing's score
+  matmul uses): the compute ceiling for the score FLOPs."""
+  a, b = jax.jit(lambda: tuple(jax.random.normal(jax.random.key(i), (n, n), jnp.float32)
+                               for i in range(2)))()
+  timing = time_call(jax.jit(jnp.dot), (a, b), steps=steps, warmup=warmup)
+  return {"n": n, "flops_per_s": 2.0 * n**3 / timing["median_s"], **timing}
 
 
 def random_documents(rng: np.random.Generator, total_tokens: int, doc_tokens, chunk_size: int):
@@ -160,7 +172,7 @@ def _random_rows(mesh, plan, row_shape, dtype, seed, memory_kind=None):
 
 
 def bench_routing(settings: MemoryBenchSettings, model: cfglib.ModelConfig, msa: cfglib.MSAConfig,
-                  bandwidth: float, progress) -> list[dict[str, Any]]:
+                  bandwidth: float, flop_rate: float, progress) -> list[dict[str, Any]]:
   mesh = _memory_mesh()
   rng = np.random.default_rng(settings.seed)
   row_shape = (model.num_kv_heads, model.head_dim)
@@ -199,6 +211,7 @@ def bench_routing(settings: MemoryBenchSettings, model: cfglib.ModelConfig, msa:
       flops = 2.0 * b * settings.route_tokens * plan.slots_per_shard * width * model.head_dim
       results.append({**base, "batch": b, "status": "ok", **timing,
                       "over_floor": timing["median_s"] / base["floor_s"],
+                      "compute_floor_s": flops / flop_rate,
                       "key_bytes_per_s": key_bytes / timing["median_s"],
                       "score_flops_per_device": flops,
                       "score_flops_per_s": flops / timing["median_s"]})
@@ -359,8 +372,11 @@ def run(settings: MemoryBenchSettings, out_dir: str, progress=print) -> dict[str
   report["copy_bandwidth"] = copy_bandwidth(settings.copy_bytes, steps=settings.steps,
                                             warmup=settings.warmup)
   bandwidth = report["copy_bandwidth"]["bytes_per_s"]
-  progress(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-  report["routing"] = bench_routing(settings, model_cfg, msa, bandwidth, progress)
+  report["matmul_rate"] = matmul_rate(settings.matmul_size, steps=settings.steps,
+                                      warmup=settings.warmup)
+  flop_rate = report["matmul_rate"]["flops_per_s"]
+  progress(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, f32 matmul {flop_rate / 1e12:.1f} TFLOP/s")
+  report["routing"] = bench_routing(settings, model_cfg, msa, bandwidth, flop_rate, progress)
   write_report(report, out_dir)
   if "device" in settings.tiers:
     report["fetch"] += bench_fetch_resident(settings, model_cfg, msa, progress, ("device",))
@@ -385,11 +401,14 @@ def format_table(report: dict[str, Any]) -> str:
   lines = [f"bench_memory on {report['device_kind']} x{report['num_devices']} "
            f"(jax {report['jax_version']}), copy bandwidth "
            f"{report['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s",
-           "routing (one router layer): tokens  batch  median ms  floor ms  x floor"]
+           f"f32 matmul {report['matmul_rate']['flops_per_s'] / 1e12:.1f} TFLOP/s",
+           "routing (one router layer): tokens  batch  median ms  floor ms  x floor  "
+           "score-matmul ms at the measured rate"]
   for r in report["routing"]:
     if r["status"] == "ok":
       lines.append(f"  {r['memory_tokens']:>12,}  {r['batch']:>5}  {r['median_s'] * 1e3:9.3f}  "
-                   f"{r['floor_s'] * 1e3:8.3f}  {r['over_floor']:7.2f}")
+                   f"{r['floor_s'] * 1e3:8.3f}  {r['over_floor']:7.2f}  "
+                   f"{r['compute_floor_s'] * 1e3:8.3f}")
     else:
       lines.append(f"  {r['memory_tokens']:>12,}  {r['batch']:>5}  {r['status']}")
   lines.append("fetch (k selected documents, one layer): tier  batch  median ms  MiB  GB/s")
@@ -416,10 +435,13 @@ def write_chart(report: dict[str, Any], path: str) -> str:
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   ok = [r for r in report["routing"] if r["status"] == "ok"]
-  for b in sorted({r["batch"] for r in ok}):
+  for i, b in enumerate(sorted({r["batch"] for r in ok})):
     rows = sorted((r for r in ok if r["batch"] == b), key=lambda r: r["memory_tokens"])
-    ax.plot([r["memory_tokens"] for r in rows], [r["median_s"] * 1e3 for r in rows], "o-",
+    sizes_b = [r["memory_tokens"] for r in rows]
+    ax.plot(sizes_b, [r["median_s"] * 1e3 for r in rows], "o-", color=f"C{i}",
             label=f"routing, batch {b}")
+    ax.plot(sizes_b, [r["compute_floor_s"] * 1e3 for r in rows], ":", color=f"C{i}",
+            label=f"score matmul at the measured f32 rate, batch {b}")
   sizes = sorted({r["memory_tokens"]: r for r in report["routing"]}.items())
   if sizes:
     ax.plot([s for s, _ in sizes], [r["floor_s"] * 1e3 for _, r in sizes], "k--",
