@@ -5,7 +5,7 @@ import numpy as np
 from msa_jax import config as cfglib
 from tests.bank_fixtures import random_bank
 
-CFG = cfglib.MSAConfig(top_k_docs=3)
+CFG = cfglib.MSAConfig(router_layers=(0,), top_k_docs=3)
 COUNTS = [1, 7, 2, 1, 3, 1, 2]  # documents of different lengths; 4 shards hold 1-2 each (< k)
 HKV, D, H = 2, 8, 4
 
