@@ -1,0 +1,38 @@
+"""The generation benchmark (experiments/bench_generate.py's logic) end to end at a toy size: it runs
+through the engine over a random bank view and writes the JSON and the chart; bad settings fail."""
+
+import json
+import math
+
+import pytest
+
+from msa_jax import benchmarking
+from msa_jax.inference import benchmark
+
+
+def test_toy_benchmark_writes_json_and_chart(tmp_path):
+  settings = benchmark.small_settings(memory_tokens=(512,), doc_len=32, batches=(2,),
+                                      prompt_len=12, question_len=4, new_tokens=4, repeats=1,
+                                      warmup=0)
+  lines = []
+  benchmark.run_and_report(settings, str(tmp_path), progress=lines.append)
+  report = json.loads((tmp_path / "bench_generate.json").read_text())
+  assert (tmp_path / "bench_generate.png").stat().st_size > 0
+  assert [(r["memory_tokens"], r["batch"]) for r in report["results"]] == [(512, 2)]
+  for r in report["results"]:
+    assert r["status"] == "ok", r
+    assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 4 / r["decode_s"])
+    for key in ("ttft_s", "decode_s", "prefill_floor_s", "decode_step_floor_s"):
+      assert math.isfinite(r[key]) and r[key] > 0, key
+  # tiny preset: 2 router layers, Hkv·D = 32, P = 4; f32 keys + bf16 content K̄ and V̄
+  assert report["view_bytes_per_token"] == 2 * 32 * (4 + 2 * 2) / 4
+  assert any("random view of 512 tokens" in line for line in lines)
+
+
+def test_bad_settings_fail_clearly():
+  with pytest.raises(benchmarking.BenchError, match="power of two"):
+    benchmark.GenerateBenchSettings(new_tokens=100)
+  with pytest.raises(benchmarking.BenchError, match="hold a document"):
+    benchmark.GenerateBenchSettings(memory_tokens=(100,), doc_len=1024)
+  with pytest.raises(benchmarking.BenchError, match="no memory sizes"):
+    benchmark.GenerateBenchSettings(memory_tokens=(), fill_max=False)
