@@ -42,6 +42,7 @@ class DemoSettings:
   interleave: InterleaveConfig = InterleaveConfig()
   row_tokens: int = 1024
   batch_rows: int = 16
+  batch_size: int = 2  # requests per prefill: routing scores [batch, prompt, chunks] live at once
   memory_devices: int | None = None
 
 
@@ -102,7 +103,7 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
       queries = [Query(q.question, q.answer, tuple(memory.gold_ids(q)), q.task)
                  for q in memory.questions]
       server = serving.open_server(loaded, bank, memory_devices=settings.memory_devices,
-                                   max_batch=len(queries), pad_batch_to=len(queries))
+                                   max_batch=settings.batch_size, fixed_batch=True)
       t0 = time.perf_counter()
       result = qa_eval.evaluate(server.driver(settings.interleave), queries,
                                 batch_size=len(queries), log=None)

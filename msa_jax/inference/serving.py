@@ -23,19 +23,20 @@ from msa_jax.sharding import make_mesh
 class MemoryServer:
   """`engine` serves requests over `bank`; `driver(config)` answers questions over it.
 
-  `pad_batch_to`: pad every call to this many requests (copies of the last one, results dropped).
-  The engine compiles one program per batch bucket, so while the questions of a batch finish one
-  by one a fixed batch size trades a little compute for fewer compilations (worth it on CPU)."""
+  `fixed_batch`: pad every call with copies of its last request (results dropped) to a multiple
+  of the engine's `max_batch`, so every engine batch has the same size. The engine compiles one
+  program per batch bucket; while the questions of a batch finish one by one a fixed size trades
+  a little compute for fewer compilations (worth it for small models on CPU)."""
 
   loaded: LoadedModel
   bank: Bank
   engine: Engine
   sampling: SamplingConfig
-  pad_batch_to: int | None = None
+  fixed_batch: bool = False
 
   def generate(self, requests):
-    n = len(requests)
-    padding = [requests[-1]] * max(0, (self.pad_batch_to or 0) - n)
+    n, size = len(requests), self.engine.max_batch
+    padding = [requests[-1]] * ((-n) % size if self.fixed_batch else 0)
     return self.engine.generate(list(requests) + padding, self.sampling)[:n]
 
   def driver(self, config: InterleaveConfig = InterleaveConfig()) -> InterleaveDriver:
@@ -47,7 +48,7 @@ class MemoryServer:
 def open_server(loaded: LoadedModel, bank_path: str, *, tier: str = "auto", max_batch: int = 16,
                 memory_devices: int | None = None,
                 sampling: SamplingConfig = SamplingConfig(),
-                pad_batch_to: int | None = None) -> MemoryServer:
+                fixed_batch: bool = False) -> MemoryServer:
   """Opens the bank at `bank_path` for `loaded` (raising `BankError` if another model or other
   weights encoded it) over the first `memory_devices` devices (default: all)."""
   if loaded.tokenizer is None:
@@ -57,4 +58,4 @@ def open_server(loaded: LoadedModel, bank_path: str, *, tier: str = "auto", max_
   mesh = make_mesh((len(devices),), (MEMORY_AXIS,), devices=devices)
   view = open_view(bank, mesh, loaded.msa_config, tier=tier)
   engine = Engine(loaded.model, loaded.params, view, max_batch=max_batch)
-  return MemoryServer(loaded, bank, engine, sampling, pad_batch_to)
+  return MemoryServer(loaded, bank, engine, sampling, fixed_batch)
