@@ -27,6 +27,8 @@ _SINGLE = flags.DEFINE_integer("num_single", 8, "Single-hop (fact lookup) questi
 _MULTI = flags.DEFINE_integer("num_multi", 4, "Multi-hop (2-4 step chain) questions.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and memories.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question stops.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Questions per prefill (routing over the bank holds "
+                               "a [batch, prompt, chunks] score array: mind the memory).")
 _DEVICES = flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded over "
                                 "(default: all).")
 _OUT = flags.DEFINE_string("out", "/tmp/msa_demo", "Output directory (demo.json, demo.png; banks "
@@ -45,7 +47,7 @@ def main(argv):
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
                           seed=_SEED.value,
                           interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value),
-                          memory_devices=_DEVICES.value)
+                          batch_size=_BATCH.value, memory_devices=_DEVICES.value)
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()
   print(format_table(report))

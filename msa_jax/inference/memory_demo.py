@@ -42,7 +42,7 @@ class DemoSettings:
   interleave: InterleaveConfig = InterleaveConfig()
   row_tokens: int = 1024
   batch_rows: int = 16
-  batch_size: int = 2  # requests per prefill: routing scores [batch, prompt, chunks] live at once
+  batch_size: int = 1  # requests per prefill: bank routing holds [batch, prompt, chunks] scores
   memory_devices: int | None = None
 
 
