@@ -24,6 +24,9 @@ _CONFIG = flags.DEFINE_string("config", None, "JSON training config file.", requ
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, final model).",
                                required=True)
 _SET = flags.DEFINE_multi_string("set", [], "Config override key.path=value (JSON value).")
+_PAUSE_AFTER = flags.DEFINE_integer(
+    "pause_after_step", None, "End cleanly after this step (checkpoint + <workdir>/snapshot); rerun "
+    "on the same workdir to continue. For jobs with a time limit.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host clusters).")
 
@@ -40,7 +43,7 @@ def main(argv):
   _, msa = model_configs(cfg.model, tokenizer.vocab_size)
   batches = data_setup.data_for_phase(cfg.data, cfg.phases, msa, tokenizer)
   result = train(cfg, _WORKDIR.value, batches, vocab_size=tokenizer.vocab_size,
-                 tokenizer_file=tokenizer_file)
+                 tokenizer_file=tokenizer_file, pause_after=_PAUSE_AFTER.value)
   if result.final_dir:
     print(f"final model: {result.final_dir}")
 

@@ -20,8 +20,8 @@ from msa_jax.training.metrics_log import read_jsonl
 from msa_jax.training.model_setup import build_model, model_configs
 from msa_jax.training.train_config import load_train_config
 from msa_jax.training.train_step import batch_sharding, init_state, make_train_step, shardings_of
-from msa_jax.training.trainer import (CURVES_FILE, FINAL_DIR, METRICS_FILE, SimulatedKill,
-                                      train)
+from msa_jax.training.trainer import (CURVES_FILE, FINAL_DIR, METRICS_FILE, SNAPSHOT_DIR,
+                                      SimulatedKill, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_CONFIG = os.path.join(ROOT, "experiments", "configs", "tiny_synthetic_smoke.json")
@@ -172,8 +172,14 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     _run(cfg, tokenizer, batches, work, lines, stop_after=7)
   assert "resumed from step 4 (router_warmup)" in lines
   assert _checkpoint_steps(work) == [4, 6]  # keep_checkpoints=2
+  # paused cleanly (a time-limited job): checkpoint and snapshot of step 9, no final model yet
+  paused, lines = _run(cfg, tokenizer, batches, work, pause_after=9)
+  assert "resumed from step 6 (main)" in lines and paused.final_dir is None
+  assert _checkpoint_steps(work) == [6, 9] and not (work / FINAL_DIR).exists()
+  _assert_trees_identical(msa_jax.load(str(work / SNAPSHOT_DIR)).params,
+                          unstack_layers(_host(paused.state.params)))
   got, lines = _run(cfg, tokenizer, batches, work)
-  assert "resumed from step 6 (main)" in lines
+  assert "resumed from step 9 (main)" in lines
   assert int(got.state.step) == 10
   _assert_trees_identical(_host(got.state.params), want_params)
   _assert_trees_identical(_host(got.state.opt_state), _host(want.state.opt_state))

@@ -34,6 +34,7 @@ from msa_jax.training.train_step import (TrainState, abstract_state, batch_shard
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 FINAL_DIR = "final"
+SNAPSHOT_DIR = "snapshot"
 
 
 class BatchIterator(Protocol):
@@ -94,8 +95,12 @@ def _log(line: str) -> None:
 def train(cfg: TrainConfig, workdir: str,
           data_for_phase: Callable[[int], BatchIterator], *, vocab_size: int | None = None,
           tokenizer_file: str | None = None, stop_after: int | None = None,
-          printer: Callable[[str], None] = _log) -> TrainResult:
-  """Runs (or resumes) `cfg` in `workdir`. `data_for_phase(i)` gives phase i's batch iterator."""
+          pause_after: int | None = None, printer: Callable[[str], None] = _log) -> TrainResult:
+  """Runs (or resumes) `cfg` in `workdir`. `data_for_phase(i)` gives phase i's batch iterator.
+
+  `pause_after=n` ends the run cleanly after step n (a checkpoint, and the current model exported to
+  `<workdir>/snapshot`), so a long run can be split over time-limited jobs; rerunning on the same
+  workdir continues it exactly. `stop_after=n` (tests) raises `SimulatedKill` as a kill would."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "train_config.json"), "w") as f:
     json.dump(config_to_dict(cfg), f, indent=2)
@@ -159,13 +164,19 @@ def train(cfg: TrainConfig, workdir: str,
     step += 1
     metrics["lr"] = schedule(phase_step)
     phase_end = step == cfg.phase_start(index + 1)
-    save = step % cfg.checkpoint_every == 0 or phase_end
+    pause = pause_after is not None and step >= pause_after and step < cfg.total_steps
+    save = step % cfg.checkpoint_every == 0 or phase_end or pause
     log.record(step, phase.name, metrics, tokens, flush=save)
     if save:
       ckpts.save(step, state, {"phase": index, "iterator": batches.get_state()})
     if stop_after is not None and step >= stop_after:
       ckpts.close()
       raise SimulatedKill(f"stopped after step {step}")
+    if pause:
+      ckpts.close()
+      export_final(state, model, os.path.join(workdir, SNAPSHOT_DIR), tokenizer_file)
+      printer(f"paused after step {step}; rerun on the same workdir to continue")
+      return TrainResult(state, None, os.path.join(workdir, METRICS_FILE))
 
   ckpts.close()
   final_dir = export_final(state, model, os.path.join(workdir, FINAL_DIR), tokenizer_file)
