@@ -39,6 +39,7 @@ from msa_jax.inference.engine import Engine
 from msa_jax.inference.requests import Request, SamplingConfig
 from msa_jax.memory import bank_view, routing
 from msa_jax.model.model import MSAForCausalLM
+from msa_jax.memory.benchmark import copy_bandwidth
 from msa_jax.sharding import make_mesh
 
 
@@ -133,19 +134,6 @@ def max_memory_tokens(model, msa, params_bytes: int, settings: GenerateBenchSett
 # --------------------------------------------------------------------------- timing
 
 
-def copy_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
-  """Device memory bandwidth (bytes read + written per second) of a large elementwise copy."""
-  x = jax.random.normal(jax.random.key(0), (num_bytes // 4,), jnp.float32)
-  step = jax.jit(lambda a: a * 1.0001)
-  jax.block_until_ready(step(x))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(x))
-    times.append(time.perf_counter() - t0)
-  return 2 * num_bytes / statistics.median(times)
-
-
 def random_requests(rng: np.random.Generator, vocab: int, msa, batch: int, settings
                     ) -> list[Request]:
   head = msa.template_len
@@ -226,7 +214,8 @@ def run_benchmark(settings: GenerateBenchSettings,
   device = jax.devices()[0]
   params, _ = benchmarking.init_params(model, settings.seed)
   params_bytes = benchmarking.tree_bytes(params)
-  bandwidth = copy_bandwidth(min(1 << 30, max(1 << 24, params_bytes)))
+  bandwidth = copy_bandwidth(min(2 << 30, max(1 << 24, params_bytes)), steps=10,
+                             warmup=2)["bytes_per_s"]
   peak = benchmarking.peak_bf16_flops(device.device_kind)
   progress(f"{settings.preset}: {benchmarking.count_params(params) / 1e9:.3f}B params on "
            f"{device.device_kind}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
