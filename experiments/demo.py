@@ -27,6 +27,8 @@ _SINGLE = flags.DEFINE_integer("num_single", 8, "Single-hop (fact lookup) questi
 _MULTI = flags.DEFINE_integer("num_multi", 4, "Multi-hop (2-4 step chain) questions.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and memories.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question stops.")
+_ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of the ids "
+                                 "the model writes (models not trained to write ids).")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Questions per prefill (routing over the bank holds "
                                "a [batch, prompt, chunks] score array: mind the memory).")
 _DEVICES = flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded over "
@@ -46,7 +48,8 @@ def main(argv):
   loaded = msa_jax.load(_CHECKPOINT.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
                           seed=_SEED.value,
-                          interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value),
+                          interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value,
+                                                      router_only=_ROUTER_ONLY.value),
                           batch_size=_BATCH.value, memory_devices=_DEVICES.value)
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()
