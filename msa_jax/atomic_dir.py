@@ -8,6 +8,16 @@ import shutil
 import uuid
 
 
+def temp_sibling_dir(path: str) -> str:
+  """A fresh hidden directory next to `path` (same filesystem, so a rename into place is atomic)."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  return tmp
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str, overwrite: bool = False):
   """Yields a fresh temporary directory that becomes `path` only if the block succeeds.
@@ -18,10 +28,7 @@ def atomic_output_dir(path: str, overwrite: bool = False):
   path = os.path.abspath(path)
   if os.path.lexists(path) and not overwrite:
     raise FileExistsError(f"output {path} already exists (pass overwrite to replace it)")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
+  tmp = temp_sibling_dir(path)
   try:
     yield tmp
     if os.path.lexists(path):  # (a file or a link as well as a directory)

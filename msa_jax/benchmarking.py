@@ -513,16 +513,33 @@ def write_chart(report: dict[str, Any], path: str) -> str:
   return path
 
 
+def write_json_and_chart(report: dict[str, Any], json_path: str, png_path: str,
+                         chart: Callable[[dict[str, Any], str], Any]) -> tuple[str, str]:
+  """The report as JSON and `chart(report, path)` as a PNG, each written to a temporary name in
+  the same directory and renamed, so a reader never sees half a file."""
+  os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+  writers = ((json_path, lambda tmp: _dump_json(report, tmp)),
+             (png_path, lambda tmp: chart(report, tmp)))
+  for path, write in writers:
+    tmp = f"{path}.tmp.{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+      write(tmp)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return json_path, png_path
+
+
+def _dump_json(report: dict[str, Any], path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(report, f, indent=2)
+    f.write("\n")
+
+
 def write_report(report: dict[str, Any], json_path: str) -> tuple[str, str]:
   """Writes the JSON report and, next to it, the tokens/s bar chart; returns both paths."""
-  directory = os.path.dirname(os.path.abspath(json_path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = json_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, json_path)
-  return json_path, write_chart(report, chart_path(json_path))
+  return write_json_and_chart(report, json_path, chart_path(json_path), write_chart)
 
 
 def run_and_report(settings: BenchSettings, output: str | None,

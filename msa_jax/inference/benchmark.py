@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import statistics
 import time
@@ -342,19 +341,9 @@ def write_chart(report: dict[str, Any], path: str) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str) -> tuple[str, str]:
-  """bench_generate.json and bench_generate.png in `out_dir` (each written whole, then renamed)."""
-  os.makedirs(out_dir, exist_ok=True)
-  json_path = os.path.join(out_dir, "bench_generate.json")
-  png_path = os.path.join(out_dir, "bench_generate.png")
-  tmp = json_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, json_path)
-  tmp_png = png_path + ".tmp.png"
-  write_chart(report, tmp_png)
-  os.replace(tmp_png, png_path)
-  return json_path, png_path
+  """bench_generate.json and bench_generate.png in `out_dir`."""
+  return benchmarking.write_json_and_chart(report, os.path.join(out_dir, "bench_generate.json"),
+                                           os.path.join(out_dir, "bench_generate.png"), write_chart)
 
 
 def small_settings(**overrides) -> GenerateBenchSettings:

@@ -12,13 +12,13 @@ retrieval recall. The report holds every question's rounds, and a table of size 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
+from msa_jax import benchmarking
 from msa_jax.api import LoadedModel
 from msa_jax.data import prompt_format as pf
 from msa_jax.inference import qa_eval, serving, synthetic_memory
@@ -160,22 +160,6 @@ def _plot(report: dict, path: str) -> None:
 
 
 def write_report(report: dict, out_dir: str) -> tuple[str, str]:
-  """`demo.json` and `demo.png` in `out_dir`, each written to a temporary name and renamed."""
-  os.makedirs(out_dir, exist_ok=True)
-  json_path, png_path = os.path.join(out_dir, "demo.json"), os.path.join(out_dir, "demo.png")
-  for path, write in ((json_path, lambda p: _write_json(report, p)),
-                      (png_path, lambda p: _plot(report, p))):
-    tmp = f"{path}.tmp.{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-      write(tmp)
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-  return json_path, png_path
-
-
-def _write_json(report: dict, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(report, f, indent=1)
-    f.write("\n")
+  """`demo.json` and `demo.png` in `out_dir`."""
+  return benchmarking.write_json_and_chart(report, os.path.join(out_dir, "demo.json"),
+                                           os.path.join(out_dir, "demo.png"), _plot)

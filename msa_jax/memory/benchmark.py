@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import statistics
@@ -461,13 +460,6 @@ def write_chart(report: dict[str, Any], path: str) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str) -> tuple[str, str]:
-  """bench_memory.json and bench_memory.png in `out_dir`, each written to a temp name first."""
-  os.makedirs(out_dir, exist_ok=True)
-  json_path = os.path.join(out_dir, "bench_memory.json")
-  with open(json_path + ".tmp", "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(json_path + ".tmp", json_path)
-  png_path = os.path.join(out_dir, "bench_memory.png")
-  write_chart(report, png_path + ".tmp.png")
-  os.replace(png_path + ".tmp.png", png_path)
-  return json_path, png_path
+  """bench_memory.json and bench_memory.png in `out_dir`."""
+  return benchmarking.write_json_and_chart(report, os.path.join(out_dir, "bench_memory.json"),
+                                           os.path.join(out_dir, "bench_memory.png"), write_chart)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import uuid
 from typing import Sequence
 
 import numpy as np
 
+from msa_jax.atomic_dir import temp_sibling_dir
 from msa_jax.memory import manifest as mf
 from msa_jax.memory import store
 from msa_jax.memory.bank import committed_length
@@ -56,10 +56,7 @@ class BankWriter:
     path = os.path.abspath(path)
     if os.path.lexists(path):
       raise BankError(f"cannot create a bank at {path}: it already exists")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    tmp = temp_sibling_dir(path)
     try:
       hkv_d = template_k.shape[2:]
       layers = len(manifest.router_layers)
