@@ -15,7 +15,6 @@ reports them:
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Callable, Sequence
 
 import jax
@@ -31,7 +30,6 @@ from msa_jax.model import entry_points
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.training.losses import router_recall
 
-_ID = re.compile(r"\[(\d+)\]")
 RECALL_AT = (1, 5, 16)
 
 
@@ -45,15 +43,13 @@ class EvalShapes:
 
 def parse_ids(text: str) -> tuple[int, ...]:
   """Every `[n]` in `text`, in order, without repeats."""
-  return tuple(dict.fromkeys(int(m) for m in _ID.findall(text)))
+  return tuple(pf.parse_ids(text))
 
 
 def parse_answer(text: str) -> str:
-  """The text after the last answer prefix, up to `<|im_end|>` (the official rule)."""
-  prefix = pf.ANSWER_PREFIX.strip()
-  if prefix not in text:
-    return ""
-  return text.rsplit(prefix, 1)[1].split("<|im_end|>", 1)[0].strip()
+  """The text after the last answer prefix, up to `<|im_end|>`; "" when the model wrote no prefix
+  (here the prefix is a target, so its absence is a wrong answer)."""
+  return pf.parse_answer(text) if pf.ANSWER_PREFIX.strip() in text else ""
 
 
 class _Decoder:
