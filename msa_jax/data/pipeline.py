@@ -60,8 +60,12 @@ class PipelineConfig:
   shard_count: int = 1
   read_threads: int = 2
   prefetch_buffer_size: int = 4
+  answer_fraction: float | None = None  # see `choose_step`; None: every step equally often
 
   def validate(self) -> None:
+    if self.answer_fraction is not None and not 0.0 <= self.answer_fraction <= 1.0:
+      raise ValueError(f"PipelineConfig.answer_fraction must be in [0, 1], got "
+                       f"{self.answer_fraction}")
     for name in ("batch_size", "max_docs", "chunk_size", "shard_count", "read_threads",
                  "prefetch_buffer_size"):
       if getattr(self, name) <= 0:
@@ -94,20 +98,30 @@ class _Item:
   sample: Sample
 
 
-def choose_step(record: Record, record_index: int, epoch: int, seed: int) -> int:
-  """The step trained on for this record in this epoch: uniform over `num_steps(record)`,
-  deterministic in (seed, record_index, epoch)."""
+def choose_step(record: Record, record_index: int, epoch: int, seed: int,
+                answer_fraction: float | None = None) -> int:
+  """The step trained on for this record in this epoch, deterministic in (seed, record_index,
+  epoch): uniform over `num_steps(record)`, or, with `answer_fraction`, the answer step (the last)
+  with that probability and a uniform retrieval step otherwise. Copying the answer out of the
+  injected text is the skill a small model learns last, so a run may show it more answer steps."""
   rng = np.random.default_rng([seed, record_index, epoch])
-  return int(rng.integers(num_steps(record)))
+  n = num_steps(record)
+  if answer_fraction is None:
+    return int(rng.integers(n))
+  if rng.random() < answer_fraction:
+    return n - 1
+  return int(rng.integers(n - 1))
 
 
 class _ToSample:
   """(position in the repeated stream, (source index, record)) -> `_Item`. A class (not a closure)
   so the pipeline pickles cleanly into grain workers."""
 
-  def __init__(self, tokenizer, seed: int, source_len: int, shard_len: int):
+  def __init__(self, tokenizer, seed: int, source_len: int, shard_len: int,
+               answer_fraction: float | None):
     self.tokenizer = tokenizer
     self.seed = seed
+    self.answer_fraction = answer_fraction
     self.source_len = source_len
     self.shard_len = shard_len
 
@@ -117,7 +131,7 @@ class _ToSample:
     epoch = position // self.shard_len
     if not isinstance(record, Record):
       raise TypeError(f"source element {index} is a {type(record).__name__}, not a Record")
-    step = choose_step(record, index, epoch, self.seed)
+    step = choose_step(record, index, epoch, self.seed, self.answer_fraction)
     return _Item(index, epoch, step, record_step_sample(record, step, self.tokenizer))
 
 
@@ -185,7 +199,7 @@ def make_dataset(source: Sequence[Record], tokenizer, cfg: PipelineConfig) -> gr
   if cfg.shuffle:
     ds = ds.shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs)
-  ds = ds.map_with_index(_ToSample(tokenizer, cfg.seed, n, shard_len))
+  ds = ds.map_with_index(_ToSample(tokenizer, cfg.seed, n, shard_len, cfg.answer_fraction))
   ds = ds.batch(cfg.batch_size, drop_remainder=True,
                 batch_fn=_BuildBatch(cfg, tokenizer.pad_id, tokenizer.vocab_size))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,

@@ -49,11 +49,24 @@ def _widest_id_length(length_fn: Callable[[str], int], width: int) -> Callable[[
   return widest
 
 
+def virtual_bank_ids(rng: np.random.Generator, n: int, max_bank: int) -> np.ndarray:
+  """`n` distinct ids of a random subset of a bank of N documents (ids 0..N-1), N log-uniform in
+  [n, max_bank]."""
+  if n > max_bank:
+    raise ValueError(f"a record of {n} documents does not fit doc_id_max={max_bank}")
+  bank = int(np.exp(rng.uniform(np.log(max(n, 1)), np.log(max_bank))))
+  return rng.choice(max(bank, n), size=n, replace=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticRecords:
-  """Record i of a synthetic task mix, generated on access. With `doc_id_max` > 0 the documents get
-  distinct random display ids below it (drawn from (seed, i)), so the model learns to copy ids
-  of any width as a large bank would number them, not just 0..n-1."""
+  """Record i of a synthetic task mix, generated on access.
+
+  Display ids follow the one scheme of banks and the demo: a document's id is its index in its
+  memory. With `doc_id_max` > 0 a record's memory stands for a random subset of a bank of N
+  documents, N drawn log-uniformly between the record's document count and `doc_id_max`, so the
+  ids are distinct draws from 0..N-1 (drawn from (seed, i)): the model sees ids of every width a
+  bank of up to `doc_id_max` documents has, in the proportions such banks have them."""
 
   tasks: tuple[tuple[str, float], ...]
   seed: int
@@ -81,7 +94,7 @@ class SyntheticRecords:
     if not self.doc_id_max:
       return record
     rng = np.random.default_rng([self.seed, index, 1])
-    ids = rng.choice(self.doc_id_max, size=len(record.documents), replace=False)
+    ids = virtual_bank_ids(rng, len(record.documents), self.doc_id_max)
     return record.with_ids(int(i) for i in ids)
 
 
@@ -109,6 +122,7 @@ def pipeline_config(data: DataConfig, phase: PhaseConfig, msa: MSAConfig, *, see
                         prompt_buckets=tuple(data.prompt_buckets), max_docs=data.max_docs,
                         chunk_size=msa.chunk_size, question_position=msa.question_position,
                         seed=seed, worker_count=data.worker_count,
+                        answer_fraction=data.answer_fraction,
                         shard_index=jax.process_index(), shard_count=processes)
 
 

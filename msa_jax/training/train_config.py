@@ -47,7 +47,8 @@ class DataConfig:
   min_doc_tokens: int = 16
   max_doc_tokens: int = 1024
   num_records: int = 1_000_000
-  doc_id_max: int = 0  # > 0: synthetic documents get random display ids below it
+  doc_id_max: int = 0  # > 0: synthetic memories are random subsets of a bank of up to this size
+  answer_fraction: float | None = None  # share of answer steps (None: uniform over steps)
   batch_size: int = 8
   prompt_buckets: Sequence[int] = (128, 256, 512)
   max_docs: int = 64
