@@ -86,6 +86,12 @@ class MSAConfig:
   `decouple_router=False` is the official code's coupled mode (route with content q/K, no router
   projections). `focal_gamma` is a real exponent; the official code passes the positive count there
   for INFONCE_DECOUPLE_FOCAL (a bug we do not reproduce).
+
+  Loss weights (the official total `lm·lm + rec·rec + aux·aux + ans·answer`; a training phase may
+  override them): `answer_loss_weight` weighs the CE over the final answer's tokens;
+  `rec_loss_weight` is kept for round trips only (see `losses.LossWeights`). The aux loss counts
+  the router layers with index >= `aux_loss_min_layer`: 0 (ours) counts every router layer, a
+  converted MSA config.json gets num_layers // 2 (the official code hard-codes it).
   """
 
   router_layers: tuple[int, ...] = ()
@@ -105,6 +111,8 @@ class MSAConfig:
   lm_loss_weight: float = 1.0
   aux_loss_weight: float = 0.1
   answer_loss_weight: float = 0.0
+  rec_loss_weight: float = 0.0
+  aux_loss_min_layer: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "router_layers", tuple(sorted({int(i) for i in self.router_layers})))
@@ -119,6 +127,13 @@ class MSAConfig:
                         f"{self.chunk_size}")
     if any(i < 0 for i in self.router_layers):
       raise ConfigError(f"router layer indices must be >= 0, got {self.router_layers}")
+    if self.aux_loss_min_layer < 0:
+      raise ConfigError(f"aux_loss_min_layer must be >= 0, got {self.aux_loss_min_layer}")
+
+  @property
+  def aux_layers(self) -> tuple[int, ...]:
+    """The router layers the aux loss counts (a suffix of `router_layers`)."""
+    return tuple(i for i in self.router_layers if i >= self.aux_loss_min_layer)
 
   @property
   def question_position(self) -> int:
@@ -209,7 +224,9 @@ def from_hf_config(hf: Mapping[str, Any], *, score_mode: str | None = None,
   """Reads a plain Qwen3 or an MSA `config.json` dict.
 
   A plain Qwen3 gets the paper's MSA defaults (router layers = upper half, k=16, P=64). An MSA config
-  reproduces the official inference's score gating unless `score_mode` overrides it.
+  reproduces the official inference's score gating unless `score_mode` overrides it, and its aux
+  loss counts the layers >= num_layers // 2 as the official code's does (unless the file carries our
+  `aux_loss_min_layer`, which `to_hf_config` writes).
   """
   model_type = hf.get("model_type")
   if model_type not in ("qwen3", "msa"):
@@ -254,7 +271,9 @@ def from_hf_config(hf: Mapping[str, Any], *, score_mode: str | None = None,
         aux_loss_method=method, temperature=float(mc.get("infonce_loss_temp", 0.1)),
         lm_loss_weight=float(mc.get("lmloss_weigth", mc.get("lmloss_weight", 1.0))),
         aux_loss_weight=float(mc.get("auxloss_weight", 0.1)),
-        answer_loss_weight=float(mc.get("ansloss_weight", 1.0)))
+        answer_loss_weight=float(mc.get("ansloss_weight", 1.0)),
+        rec_loss_weight=float(mc.get("recloss_weight", 0.0)),
+        aux_loss_min_layer=int(mc.get("aux_loss_min_layer", model.num_layers // 2)))
   if score_mode is not None:
     msa = msa.replace(score_mode=score_mode)
   return model, msa.validate_for(model)
@@ -297,7 +316,8 @@ def to_hf_config(model: ModelConfig, msa: MSAConfig | None, *, base: Mapping[str
       "infonce_loss_temp": msa.temperature, "head_reduce_method": msa.head_reduce,
       "query_reduce_method": msa.query_reduce, "chunk_reduce_method": msa.chunk_reduce,
       "lmloss_weigth": msa.lm_loss_weight, "auxloss_weight": msa.aux_loss_weight,
-      "ansloss_weight": msa.answer_loss_weight,
+      "ansloss_weight": msa.answer_loss_weight, "recloss_weight": msa.rec_loss_weight,
+      "aux_loss_min_layer": msa.aux_loss_min_layer,
   }
   return out
 

@@ -9,6 +9,7 @@ from msa_jax.data.batch_builder import (BatchError, Sample, bucket_length, build
                                         build_batch_bucketed)
 
 PAD = 99
+T, F = True, False
 
 
 def _build(samples, **overrides):
@@ -59,6 +60,24 @@ def test_hand_example_field_by_field():
       assert got.dtype == (np.bool_ if want.dtype == np.bool_ else np.int32), name
       np.testing.assert_array_equal(got, want, err_msg=name)
   assert mem.num_chunk_slots == 7
+
+
+def test_markers_sit_where_labels_do():
+  """answer_value / context_target mark target tokens; their masks sit one position earlier."""
+  sample = Sample(documents=[[10]], template_head=[1], question=[2, 3], template_tail=[4],
+                  context=[20, 21, 22, 23], context_route=[F, T, T, F],
+                  context_target=[F, T, T, F], answer=[30, 31, 32, 33],
+                  answer_target=[T, F, T, T], answer_value=[F, F, T, F], positive_docs=[0])
+  _, prompt = _build([sample], seq_len_prompt=14)
+  # tokens:  1  2  3  4 20 21 22 23 30 31 32 33  p  p
+  np.testing.assert_array_equal(prompt.labels[0],
+                                [-1] * 7 + [30, -1, 32, 33] + [-1] * 3)
+  np.testing.assert_array_equal(np.flatnonzero(prompt.answer_mask[0]), [9])  # predicts 32
+  np.testing.assert_array_equal(np.flatnonzero(prompt.context_mask[0]), [4, 5])  # 21, 22
+  assert prompt.answer_mask.dtype == prompt.context_mask.dtype == np.bool_
+  # no markers: nothing marked
+  _, plain = _build(_hand_samples())
+  assert not plain.answer_mask.any() and not plain.context_mask.any()
 
 
 # --------------------------------------------------------------------------- random invariants
@@ -182,6 +201,11 @@ def _bad(**changes):
     (_bad(template_head=[1.5]), {},
      r"sample 1: template_head must be a flat sequence of integer ids"),
     (_bad(documents=[1, 2, 3]), {}, r"sample 1: document 0 must be a flat sequence of integer ids"),
+    (_bad(answer_value=[T]), {}, r"sample 1: answer_value has 1 flags but answer has 2 tokens"),
+    (_bad(context=[5, 6], context_target=[T]), {},
+     r"sample 1: context_target has 1 flags but context has 2 tokens"),
+    (_bad(answer_target=[T, F], answer_value=[F, T]), {},
+     r"sample 1: answer_value marks answer token 1, which is not a target"),
     (_hand_samples(), {"vocab_size": 64}, r"pad_id 99 outside \[0, 64\)"),
     (_hand_samples(), {"chunk_size": 0}, r"chunk_size must be positive, got 0"),
     (_hand_samples(), {"question_position": -1}, r"question_position must be >= 0"),

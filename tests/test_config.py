@@ -71,6 +71,42 @@ def test_hf_config_round_trip():
   assert plain["model_type"] == "qwen3" and "msa_config" not in plain
 
 
+def test_msa_config_json_sets_the_official_loss_fields():
+  hf = dict(QWEN3_V5, model_type="msa", msa_config={
+      "router_layer_idx": "18,19,20,21", "lmloss_weigth": 1.0, "auxloss_weight": 0.2,
+      "recloss_weight": 0.0, "ansloss_weight": 0.5})
+  _, msa = cfglib.from_hf_config(hf)
+  assert msa.aux_loss_min_layer == 18  # the official aux loss: layers >= 36 // 2
+  assert (msa.lm_loss_weight, msa.aux_loss_weight, msa.answer_loss_weight,
+          msa.rec_loss_weight) == (1.0, 0.2, 0.5, 0.0)
+  hf["num_hidden_layers"] = 40  # router layer 21 < 40 // 2 is not counted
+  _, msa = cfglib.from_hf_config(hf)
+  assert msa.aux_loss_min_layer == 20 and msa.aux_layers == (20, 21)
+  # a plain Qwen3 and our presets count every router layer
+  assert cfglib.from_hf_config(QWEN3_V5)[1].aux_loss_min_layer == 0
+  assert cfglib.preset("tiny")[1].aux_layers == cfglib.preset("tiny")[1].router_layers
+
+
+@pytest.mark.parametrize("min_layer", [0, 7, 18])
+def test_loss_fields_round_trip_through_hf_config(min_layer):
+  model, msa = cfglib.preset("msa-4b")
+  msa = msa.replace(aux_loss_min_layer=min_layer, answer_loss_weight=0.25, rec_loss_weight=0.5,
+                    score_mode="scaled_dot")
+  hf = cfglib.to_hf_config(model, msa)
+  assert hf["msa_config"]["aux_loss_min_layer"] == min_layer
+  assert hf["msa_config"]["recloss_weight"] == 0.5 and hf["msa_config"]["ansloss_weight"] == 0.25
+  assert cfglib.from_hf_config(hf, compute_dtype=model.compute_dtype) == (model, msa)
+  assert cfglib.config_from_dict(cfglib.config_to_dict(model, msa)) == (model, msa)
+
+
+def test_own_json_without_the_new_fields_keeps_defaults():
+  model, msa = cfglib.preset("tiny")
+  d = cfglib.config_to_dict(model, msa)
+  for key in ("aux_loss_min_layer", "rec_loss_weight"):
+    del d["msa"][key]
+  assert cfglib.config_from_dict(d) == (model, msa)
+
+
 def test_own_json_round_trip():
   model, msa = cfglib.preset("tiny")
   assert cfglib.config_from_dict(cfglib.config_to_dict(model, msa)) == (model, msa)
@@ -100,3 +136,5 @@ def test_dataclass_validation():
   with pytest.raises(ConfigError, match="score_mode"):
     MSAConfig(score_mode="dot")
   assert MSAConfig(router_layers=[3, 1, 3]).router_layers == (1, 3)
+  with pytest.raises(ConfigError, match="aux_loss_min_layer must be >= 0"):
+    MSAConfig(aux_loss_min_layer=-1)

@@ -1,14 +1,22 @@
-"""Losses: chunked LM cross-entropy, router auxiliary losses and recall against numpy oracles."""
+"""Losses: chunked LM cross-entropy, router auxiliary losses, recall, loss weights and every term
+of the training objective against numpy oracles."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from msa_jax import config as cfglib
 from msa_jax.config import AUX_LOSS_METHODS, MSAConfig
-from msa_jax.training import losses
+from msa_jax.data.batch import MemoryBatch, plain_prompt
+from msa_jax.data.batch_builder import Sample
+from msa_jax.model.model import MSAForCausalLM
+from msa_jax.training import losses, targets
+from msa_jax.training.objective import loss_and_metrics
+from tests.msa_fixtures import make_batch
 
 # --------------------------------------------------------------------------- numpy oracles
 
@@ -281,6 +289,25 @@ def test_chunked_ce_bf16_inputs_accumulate_in_f32():
   np.testing.assert_allclose(float(total), want_total, rtol=1e-5)
 
 
+def test_stacked_label_sets_share_one_pass_and_match_the_oracle():
+  hidden, kernel, labels = ce_batch(seed=2)
+  sets = np.stack([labels, np.where(labels % 2 == 0, labels, -1), np.full_like(labels, -1)])
+  total, count = jax.jit(functools.partial(losses.chunked_cross_entropy, chunk_size=8))(
+      hidden, kernel, sets)
+  assert total.shape == count.shape == (3,)
+  for k in range(3):
+    want_total, want_count = oracle_ce(hidden, kernel, sets[k])
+    assert float(count[k]) == want_count
+    np.testing.assert_allclose(float(total[k]), want_total, rtol=1e-5)
+  mean = losses.mean_cross_entropy(hidden, kernel, sets, 8)
+  np.testing.assert_allclose(np.asarray(mean)[:2], np.asarray(total)[:2] / np.asarray(count)[:2],
+                             rtol=1e-6)
+  assert float(mean[2]) == 0.0
+  grad = jax.grad(lambda h: jnp.sum(losses.chunked_cross_entropy(h, kernel, sets, 8)[0]))(hidden)
+  want = sum(jax.grad(dense_ce)(hidden, kernel, sets[k]) for k in range(3))
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5)
+
+
 def test_all_ignored_labels_give_zero():
   hidden, kernel, labels = ce_batch()
   labels[:] = -1
@@ -302,12 +329,13 @@ def _jaxpr_shapes(jaxpr):
           yield from _jaxpr_shapes(sub)
 
 
-def test_chunked_ce_never_builds_full_logits_forward_or_backward():
+@pytest.mark.parametrize("label_sets", [(), (3,)])
+def test_chunked_ce_never_builds_full_logits_forward_or_backward(label_sets):
   b, s, e, v, chunk = 2, 4096, 8, 1000, 128
   hidden = jnp.zeros((b, s, e), jnp.bfloat16)
   kernel = jnp.zeros((e, v), jnp.bfloat16)
-  labels = jnp.zeros((b, s), jnp.int32)
-  loss = lambda h, w: losses.chunked_cross_entropy(h, w, labels, chunk)[0]
+  labels = jnp.zeros(label_sets + (b, s), jnp.int32)
+  loss = lambda h, w: jnp.sum(losses.chunked_cross_entropy(h, w, labels, chunk)[0])
   value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
   largest = max(np.prod(shape, dtype=np.int64) for shape in
                 _jaxpr_shapes(jax.make_jaxpr(value_and_grad)(hidden, kernel).jaxpr))
@@ -321,8 +349,163 @@ def test_chunked_ce_never_builds_full_logits_forward_or_backward():
 
 
 def test_total_loss_weights():
+  terms = {"lm": 2.0, "aux": 3.0, "answer": 4.0, "context_lm": 5.0, "prompt_dense": 6.0}
   cfg = MSAConfig(lm_loss_weight=1.0, aux_loss_weight=0.1, answer_loss_weight=0.5)
-  assert float(losses.total_loss(2.0, 3.0, cfg=cfg)) == pytest.approx(2.3)
-  assert float(losses.total_loss(2.0, 3.0, 4.0, cfg=cfg)) == pytest.approx(4.3)
-  warmup = MSAConfig(lm_loss_weight=0.1, aux_loss_weight=1.0)
-  assert float(losses.total_loss(2.0, 3.0, cfg=warmup)) == pytest.approx(3.2)
+  weights = losses.LossWeights.of(cfg)
+  assert weights == losses.LossWeights(lm=1.0, aux=0.1, answer=0.5)
+  assert float(losses.total_loss(terms, weights)) == pytest.approx(4.3)
+  warmup = losses.LossWeights.of(cfg, lm=0.1, aux=1.0, answer=None, context_lm=0.5)
+  assert float(losses.total_loss(terms, warmup)) == pytest.approx(0.2 + 3.0 + 2.0 + 2.5)
+  # a zero weight leaves its term out (it need not be computed); a nonzero one requires it
+  assert float(losses.total_loss({"memory_lm": 7.0}, losses.LossWeights(
+      lm=0.0, aux=0.0, memory_lm=2.0))) == pytest.approx(14.0)
+  with pytest.raises(ValueError, match=r"\['memory_lm'\] have nonzero weights"):
+    losses.total_loss(terms, losses.LossWeights(memory_lm=1.0))
+
+
+def test_loss_weights_refuse_reconstruction_and_negatives():
+  with pytest.raises(ValueError, match="rec_loss_weight 0.5: the official reconstruction labels"):
+    losses.LossWeights.of(MSAConfig(rec_loss_weight=0.5))
+  assert losses.LossWeights.of(MSAConfig(rec_loss_weight=0.0)).rec == 0.0
+  with pytest.raises(ValueError, match=r"loss weights must be >= 0, got \{'context_lm': -1.0\}"):
+    losses.LossWeights(context_lm=-1.0)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def test_memory_labels_stay_inside_each_document():
+  memory = MemoryBatch(tokens=jnp.asarray([[11, 12, 13, 21, 22, 31, 0, 0]]),
+                       segment_ids=jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0]]),
+                       positions=None, chunk_ids=None, chunk_doc=None, chunk_len=None)
+  np.testing.assert_array_equal(targets.memory_labels(memory),
+                                [[12, 13, -1, 22, -1, -1, -1, -1]])
+
+
+# --------------------------------------------------------------------------- the objective
+
+T, F = True, False
+MAX_DOCS = 5
+
+
+@pytest.fixture(scope="module")
+def objective():
+  """A tiny float32 model and two samples: one with injected context and an answer value, one
+  with neither; four documents each, one positive, so the aux loss has negatives. With every term
+  of the numpy oracle (`_oracle_terms`) and the router's document scores."""
+  model_cfg, msa = cfglib.preset("tiny")
+  model = MSAForCausalLM(model_cfg.replace(compute_dtype="float32"), msa)
+  rng = np.random.default_rng(0)
+  ids = lambda n: rng.integers(5, 250, n).tolist()
+  samples = [
+      Sample(documents=[ids(n) for n in (6, 3, 5, 4)], template_head=[1, 2, 3], question=ids(3),
+             template_tail=[4], context=ids(6), context_route=[F, T, T, T, F, F],
+             context_target=[F, T, T, T, F, F], answer=ids(5), answer_target=[T, F, T, T, T],
+             answer_value=[F, F, T, T, F], positive_docs=[2]),
+      Sample(documents=[ids(n) for n in (2, 7, 4, 1)], template_head=[1, 2, 3], question=ids(4),
+             template_tail=[4], answer=ids(3), positive_docs=[0]),
+  ]
+  memory, prompt = make_batch(samples, msa, seq_len_mem=24, seq_len_prompt=24, max_docs=MAX_DOCS)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompt, memory)["params"])
+  want, doc_scores = _oracle_terms(model, params, samples, memory, prompt)
+  present = np.zeros((len(samples), MAX_DOCS), bool)
+  doc_labels = np.zeros((len(samples), MAX_DOCS), np.int32)
+  for b, s in enumerate(samples):
+    present[b, :len(s.documents)] = True
+    doc_labels[b, list(s.positive_docs)] = 1
+  return dict(model=model, params=params, memory=memory, prompt=prompt, want=want,
+              scores=doc_scores[..., :MAX_DOCS], present=present, doc_labels=doc_labels)
+
+
+def _log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(-1, keepdims=True)
+  return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+def _oracle_terms(model, params, samples, memory, prompt):
+  """Every LM term from dense logits and the samples' own fields (not the batch's masks); the memory
+  LM from the documents run alone as plain prompts (the memory stream attends within documents
+  at document-local positions, so the backbone on a document alone gives the same logits)."""
+  logits_of = jax.jit(lambda p, pr, m: model.apply({"params": p}, pr, m,
+                                                    method=MSAForCausalLM.prompt_logits))
+  logits, out = logits_of(params, prompt, memory)
+  logp = _log_softmax(logits)
+  pairs = {"lm": [], "answer": [], "context_lm": [], "prompt_dense": [], "memory_lm": []}
+  for b, s in enumerate(samples):
+    seq = [*s.template_head, *s.question, *s.template_tail, *s.context, *s.answer]
+    answer_start, head = len(seq) - len(s.answer), len(s.template_head)
+    context_start = answer_start - len(s.context)
+    nll = lambda p: -logp[b, p, seq[p + 1]]
+    target = list(s.answer_target) or [True] * len(s.answer)
+    pairs["lm"] += [nll(answer_start + i - 1) for i, t in enumerate(target) if t]
+    pairs["answer"] += [nll(answer_start + i - 1) for i, v in enumerate(s.answer_value) if v]
+    pairs["context_lm"] += [nll(context_start + i - 1) for i, c in enumerate(s.context_target)
+                            if c]
+    pairs["prompt_dense"] += [nll(p - 1) for p in range(head, len(seq))]
+  docs = [d for s in samples for d in s.documents]
+  width = max(len(d) for d in docs)
+  tokens = np.array([d + [0] * (width - len(d)) for d in docs])
+  valid = np.array([[i < len(d) for i in range(width)] for d in docs], np.int32)
+  doc_logp = _log_softmax(logits_of(params, plain_prompt(tokens, segment_ids=valid), None)[0])
+  for j, doc in enumerate(docs):
+    pairs["memory_lm"] += [-doc_logp[j, p, doc[p + 1]] for p in range(len(doc) - 1)]
+  assert all(pairs.values())  # every term is exercised
+  return {k: float(np.mean(v)) for k, v in pairs.items()}, np.asarray(out.doc_scores)
+
+
+def _metrics(model, params, memory, prompt, **kw):
+  return jax.jit(lambda p: loss_and_metrics(p, model, memory, prompt, ce_chunk_size=5, **kw))(
+      params)
+
+
+@pytest.mark.parametrize("weights", [
+    losses.LossWeights(lm=1.0, aux=0.1, answer=0.7, memory_lm=0.5, context_lm=0.3,
+                       prompt_dense=0.2),
+    losses.LossWeights(lm=0.0, aux=0.0, memory_lm=1.0),  # the LM pre-phase over documents
+])
+def test_objective_terms_match_numpy_oracles(objective, weights):
+  o = objective
+  want = dict(o["want"], aux=oracle_aux(o["scores"], o["present"], o["doc_labels"],
+                                        o["model"].msa.aux_loss_method))
+  total, metrics = _metrics(o["model"], o["params"], o["memory"], o["prompt"], weights=weights)
+  for name, value in want.items():
+    np.testing.assert_allclose(float(metrics[f"{name}_loss"]), value, rtol=1e-5, err_msg=name)
+  want_total = sum(w * want[name] for name, w in weights.active().items())
+  np.testing.assert_allclose(float(total), want_total, rtol=1e-5)
+  assert float(metrics["loss"]) == float(total)
+  assert len({round(v, 4) for v in want.values()}) == len(want)  # the terms differ
+
+
+def _metric_names(model, o, **kw):
+  """The metrics' names, from an abstract evaluation (nothing is compiled)."""
+  return set(jax.eval_shape(lambda p: loss_and_metrics(p, model, o["memory"], o["prompt"], **kw),
+                            o["params"])[1])
+
+
+def test_memory_lm_is_computed_only_when_weighted(objective):
+  names = _metric_names(objective["model"], objective)
+  assert "memory_lm_loss" not in names
+  assert {"loss", "lm_loss", "aux_loss", "answer_loss", "context_lm_loss",
+          "prompt_dense_loss"} <= names
+  assert "memory_lm_loss" in _metric_names(objective["model"], objective,
+                                           weights=losses.LossWeights(memory_lm=1.0))
+
+
+def test_aux_loss_counts_only_router_layers_from_the_min_layer(objective):
+  """tiny routes in layers 2 and 3; aux_loss_min_layer=3 (the official num_layers // 2 rule for
+  a 6-layer model) leaves layer 3 alone, while recall still covers both."""
+  o = objective
+  model = o["model"].clone(msa=o["model"].msa.replace(aux_loss_min_layer=3))
+  assert model.msa.router_layers == (2, 3) and model.msa.aux_layers == (3,)
+  method = model.msa.aux_loss_method
+  only_3 = oracle_aux(o["scores"][1:], o["present"], o["doc_labels"], method)
+  both = oracle_aux(o["scores"], o["present"], o["doc_labels"], method)
+  assert abs(only_3 - both) > 1e-3  # the filter is visible
+  _, metrics = _metrics(model, o["params"], o["memory"], o["prompt"])
+  np.testing.assert_allclose(float(metrics["aux_loss"]), only_3, rtol=1e-5)
+  assert {"recall@1/layer2", "recall@1/layer3"} <= set(metrics)
+  beyond = model.clone(msa=model.msa.replace(aux_loss_min_layer=4))
+  with pytest.raises(ValueError, match="aux_loss_min_layer 4 leaves the aux loss none"):
+    _metric_names(beyond, o)
+  assert "aux_loss" not in _metric_names(beyond, o, weights=losses.LossWeights(aux=0.0))

@@ -15,6 +15,7 @@ from msa_jax.data.batch import plain_prompt
 from msa_jax.data.batch_builder import Sample
 from msa_jax.model import entry_points
 from msa_jax.model.model import MSAForCausalLM
+from msa_jax.training.losses import LossWeights
 from msa_jax.training.objective import loss_and_metrics
 from tests.msa_fixtures import make_batch, random_samples
 
@@ -131,7 +132,7 @@ def _is_router(path):
 def test_router_learns_only_from_aux_loss_and_backbone_from_lm_loss():
   model, params, _, memory, prompt = _setup(seed=2)
   grad = lambda lm_w, aux_w: jax.jit(jax.grad(lambda p: loss_and_metrics(
-      p, model, memory, prompt, lm_weight=lm_w, aux_weight=aux_w)[0]))(params)
+      p, model, memory, prompt, weights=LossWeights(lm=lm_w, aux=aux_w))[0]))(params)
   g_lm, g_aux, g_all = grad(1.0, 0.0), grad(0.0, 1.0), grad(1.0, 0.1)
   for g in (g_lm, g_aux, g_all):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))

@@ -9,11 +9,13 @@ import os
 import numpy as np
 import pytest
 
+from msa_jax.config import MSAConfig
+from msa_jax.training.losses import LossWeights
 from msa_jax.training.optimizer import learning_rate
 from msa_jax.training.train_config import (DataConfig, PhaseConfig, TrainConfig, TrainConfigError,
                                            apply_overrides, config_from_dict, config_to_dict,
                                            load_train_config)
-from msa_jax.training.trainer import resolve_mesh_shape
+from msa_jax.training.trainer import phase_loss_weights, resolve_mesh_shape
 
 SMOKE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "experiments", "configs", "tiny_synthetic_smoke.json")
@@ -102,6 +104,9 @@ def test_no_phases():
     (_phase(end_lr=-1e-5), "learning rates must be positive"),
     (_phase(memory_tokens=600, mem_buckets=[256, 512]), "memory_tokens 600 exceeds the largest "
      "bucket 512"),
+    (_phase(aux_weight=-0.1), r"loss weights must be >= 0, got negative \['aux_weight'\]"),
+    (_phase(answer_weight=-1.0, context_lm_weight=-1.0),
+     r"negative \['answer_weight', 'context_lm_weight'\]"),
 ])
 def test_phase_validation(phase, message):
   with pytest.raises(TrainConfigError, match=message):
@@ -119,6 +124,21 @@ def test_phase_validation_accepts_edges():
   assert cfg.phases[0].buckets == (128, 512)
   assert cfg.phases[1].buckets == (4096,)  # no buckets: the memory size itself
   assert cfg.total_steps == 6
+
+
+def test_phase_loss_weights_reach_the_objective():
+  """A phase's weights, over the model's MSAConfig: options default off, an unset answer_weight
+  keeps the config's (a converted checkpoint's ansloss_weight), a set one overrides it."""
+  cfg = config_from_dict({"phases": [
+      _phase(lm_weight=0.0, aux_weight=0.0, memory_lm_weight=1.0),
+      _phase(answer_weight=2.0, context_lm_weight=0.3, prompt_dense_weight=0.1)]})
+  msa = MSAConfig(answer_loss_weight=0.5)
+  pre, main = (phase_loss_weights(p, msa) for p in cfg.phases)
+  assert pre == LossWeights(lm=0.0, aux=0.0, answer=0.5, memory_lm=1.0)
+  assert main == LossWeights(lm=1.0, aux=0.1, answer=2.0, context_lm=0.3, prompt_dense=0.1)
+  assert str(pre) == "0.5*answer + 1*memory_lm"
+  again = config_from_dict(config_to_dict(cfg))
+  assert [phase_loss_weights(p, msa) for p in again.phases] == [pre, main]
 
 
 @pytest.mark.parametrize("d, message", [

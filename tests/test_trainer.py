@@ -21,7 +21,7 @@ from msa_jax.training.model_setup import build_model, model_configs
 from msa_jax.training.train_config import load_train_config
 from msa_jax.training.train_step import batch_sharding, init_state, make_train_step, shardings_of
 from msa_jax.training.trainer import (CURVES_FILE, FINAL_DIR, METRICS_FILE, SNAPSHOT_DIR,
-                                      SimulatedKill, train)
+                                      SimulatedKill, phase_loss_weights, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_CONFIG = os.path.join(ROOT, "experiments", "configs", "tiny_synthetic_smoke.json")
@@ -218,7 +218,7 @@ def _phase_step(cfg, index, model, mesh, params):
   phase = cfg.phases[index]
   tx = optlib.make_optimizer(phase, cfg.optimizer, params)
   state = init_state(params, tx, mesh)
-  fn = make_train_step(model, tx, mesh, lm_weight=phase.lm_weight, aux_weight=phase.aux_weight,
+  fn = make_train_step(model, tx, mesh, weights=phase_loss_weights(phase, model.msa),
                        ce_chunk_size=cfg.ce_chunk_size, state_shardings=shardings_of(state))
   return state, fn
 

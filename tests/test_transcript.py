@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_batch
 from msa_jax.data.records import make_record
+from msa_jax.data.synthetic import generate, world_tokenizer
 from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
 from msa_jax.data.transcript import num_steps, record_step_sample, record_step_samples
 
@@ -161,3 +163,50 @@ def test_bad_step(record, tok):
   for step in (-1, 3, True):
     with pytest.raises(ValueError, match="step"):
       record_step_sample(record, step, tok)
+
+
+# --------------------------------------------------------------------------- loss markers
+
+
+def _marked(ids, flags):
+  return [t for t, f in zip(ids, flags) if f]
+
+
+def test_markers_cover_the_answer_value_and_the_injected_documents(record, tok):
+  samples = record_step_samples(record, tok)
+  for s in samples[:-1]:  # retrieval steps have no answer value
+    assert not any(s.answer_value)
+  s = samples[-1]
+  assert len(s.answer_value) == len(s.answer) and len(s.context_target) == len(s.context)
+  assert tok.decode(_marked(s.answer, s.answer_value)) == " " + ANSWER
+  assert all(_marked(s.answer_target, s.answer_value))  # the value is a target
+  assert tok.decode(_marked(s.context, s.context_target)) == INJECT0 + INJECT1
+  assert tok.decode(_marked(samples[1].context, samples[1].context_target)) == INJECT0
+  # in the batch, each mask sits on the position that predicts a marked token
+  _, prompt = _build(samples, tok)
+  answer_at = np.flatnonzero(prompt.answer_mask[2])
+  assert tok.decode(prompt.tokens[2][answer_at + 1]) == " " + ANSWER
+  np.testing.assert_array_equal(prompt.labels[2][answer_at], prompt.tokens[2][answer_at + 1])
+  assert tok.decode(prompt.tokens[2][np.flatnonzero(prompt.context_mask[2]) + 1]) == (
+      INJECT0 + INJECT1)
+  assert not prompt.answer_mask[:2].any() and not prompt.context_mask[0].any()
+
+
+@pytest.mark.parametrize("task", ["multi_hop", "niah_single"])
+def test_world_tokenizer_markers_are_exact(task):
+  """The markers of a synthetic sample cover exactly the answer value and the injected text, and
+  cutting the answer line into pieces leaves its token ids those of the whole line."""
+  world = world_tokenizer()
+  rec = generate(task, 3, 0, memory_tokens=600)
+  s = record_step_sample(rec, num_steps(rec) - 1, world)
+  whole = (world.encode(pf.END_OF_RETRIEVE) + world.encode(pf.restatement(rec.question)) +
+           world.encode(pf.final_answer(rec.answer)))
+  assert list(s.answer) == whole
+  value = _marked(s.answer, s.answer_value)
+  assert world.decode(value) == " " + rec.answer and value == world.encode(" " + rec.answer)
+  injected = "".join(pf.injected_documents([(rec.doc_ids[i], rec.documents[i]) for i in hop])
+                     for hop in rec.hops)
+  assert world.decode(_marked(s.context, s.context_target)) == injected
+  rest = [t for t, f in zip(s.context, s.context_target) if not f]
+  assert world.decode(rest) == "".join(
+      pf.round_ids([rec.doc_ids[i] for i in hop]) + pf.injection_end() for hop in rec.hops)

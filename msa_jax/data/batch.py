@@ -50,6 +50,10 @@ class PromptBatch:
   labels      [B, S_q] int32   the token to predict *at* each position (already shifted); -1 = none
   doc_labels  [B, D_max] int32 multi-hot positives for the aux loss: column d-1 is document d of the
                                sample's memory row
+  answer_mask [B, S_q] bool    aligned with labels: the label is a token of the final answer's value
+                               (the answer loss's targets)
+  context_mask [B, S_q] bool   the next token is retrieved text injected in the context (the
+                               context LM loss's targets; they carry no label)
   """
 
   tokens: jax.Array
@@ -59,6 +63,21 @@ class PromptBatch:
   sees_memory: jax.Array
   labels: jax.Array
   doc_labels: jax.Array
+  answer_mask: jax.Array
+  context_mask: jax.Array
+
+
+def inference_prompt(tokens, segment_ids, positions, route_mask, sees_memory) -> PromptBatch:
+  """A prompt without training targets (no labels, no aux positives)."""
+  tokens = jnp.asarray(tokens, jnp.int32)
+  b, s = tokens.shape
+  false = jnp.zeros((b, s), bool)
+  return PromptBatch(tokens=tokens, segment_ids=jnp.asarray(segment_ids, jnp.int32),
+                     positions=jnp.asarray(positions, jnp.int32),
+                     route_mask=jnp.asarray(route_mask, bool),
+                     sees_memory=jnp.asarray(sees_memory, bool),
+                     labels=jnp.full((b, s), -1, jnp.int32),
+                     doc_labels=jnp.zeros((b, 0), jnp.int32), answer_mask=false, context_mask=false)
 
 
 def plain_prompt(tokens, positions=None, segment_ids=None) -> PromptBatch:
@@ -71,7 +90,4 @@ def plain_prompt(tokens, positions=None, segment_ids=None) -> PromptBatch:
   if segment_ids is None:
     segment_ids = jnp.ones((b, s), jnp.int32)
   false = jnp.zeros((b, s), bool)
-  return PromptBatch(tokens=tokens, segment_ids=jnp.asarray(segment_ids, jnp.int32),
-                     positions=jnp.asarray(positions, jnp.int32), route_mask=false,
-                     sees_memory=false, labels=jnp.full((b, s), -1, jnp.int32),
-                     doc_labels=jnp.zeros((b, 0), jnp.int32))
+  return inference_prompt(tokens, segment_ids, positions, false, false)

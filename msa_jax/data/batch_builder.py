@@ -30,6 +30,9 @@ class Sample:
   text already in the transcript (a Memory Interleave step's earlier rounds), and `context_route`
   marks its tokens that route too (the newest retrieved documents). Answer tokens are the LM
   targets, except where `answer_target` (if given) is false: text the driver injects mid-answer.
+  Two markers select the targets of extra loss terms (empty = none): `answer_value` the answer
+  tokens of the final answer's value (the answer loss; a subset of the targets), `context_target`
+  the context tokens of retrieved text injected in earlier rounds (the context LM loss).
   """
 
   documents: Sequence[Sequence[int]]
@@ -41,6 +44,8 @@ class Sample:
   context: Sequence[int] = ()
   context_route: Sequence[bool] = ()
   answer_target: Sequence[bool] = ()
+  answer_value: Sequence[bool] = ()
+  context_target: Sequence[bool] = ()
 
   @property
   def memory_len(self) -> int:
@@ -64,8 +69,10 @@ class _Row:
   tail: np.ndarray
   context: np.ndarray
   context_route: np.ndarray
+  context_target: np.ndarray
   answer: np.ndarray
   answer_target: np.ndarray
+  answer_value: np.ndarray
   positives: np.ndarray
 
 
@@ -83,11 +90,13 @@ def _ids(index: int, what: str, ids, limit: int) -> np.ndarray:
   return arr.astype(np.int32)
 
 
-def _flags(index: int, what: str, flags, length: int, length_of: str) -> np.ndarray:
-  """`flags` as a bool array of `length` (all true when empty); rejects other lengths."""
+def _flags(index: int, what: str, flags, length: int, length_of: str,
+           empty: bool = False) -> np.ndarray:
+  """`flags` as a bool array of `length` (all `empty` when none are given); rejects other
+  lengths."""
   arr = np.asarray(flags, dtype=bool).reshape(-1)
   if arr.size == 0:
-    return np.ones(length, bool) if what == "answer_target" else np.zeros(length, bool)
+    return np.full(length, empty)
   if arr.size != length:
     raise BatchError(f"sample {index}: {what} has {arr.size} flags but {length_of} has {length} "
                      f"tokens")
@@ -100,6 +109,12 @@ def _convert(index: int, sample: Sample, vocab_size: int | None) -> _Row:
   docs = [_ids(index, f"document {j}", d, limit) for j, d in enumerate(sample.documents)]
   context = _ids(index, "context", sample.context, limit)
   answer = _ids(index, "answer", sample.answer, limit)
+  answer_target = _flags(index, "answer_target", sample.answer_target, answer.size, "answer",
+                         empty=True)
+  answer_value = _flags(index, "answer_value", sample.answer_value, answer.size, "answer")
+  if (answer_value & ~answer_target).any():
+    raise BatchError(f"sample {index}: answer_value marks answer token "
+                     f"{int(np.argmax(answer_value & ~answer_target))}, which is not a target")
   return _Row(documents=docs,
               head=_ids(index, "template_head", sample.template_head, limit),
               question=_ids(index, "question", sample.question, limit),
@@ -107,9 +122,9 @@ def _convert(index: int, sample: Sample, vocab_size: int | None) -> _Row:
               context=context,
               context_route=_flags(index, "context_route", sample.context_route, context.size,
                                    "context"),
-              answer=answer,
-              answer_target=_flags(index, "answer_target", sample.answer_target, answer.size,
-                                   "answer"),
+              context_target=_flags(index, "context_target", sample.context_target, context.size,
+                                    "context"),
+              answer=answer, answer_target=answer_target, answer_value=answer_value,
               positives=_ids(index, "positive_docs", sample.positive_docs, len(docs)))
 
 
@@ -164,7 +179,8 @@ def _fill_memory_row(out: dict[str, np.ndarray], b: int, documents: list[np.ndar
 
 
 def _fill_prompt_row(out: dict[str, np.ndarray], b: int, row: _Row, question_position: int) -> None:
-  """Head at 0..T-1 and memory-blind; the rest from `question_position` on, seeing memory."""
+  """Head at 0..T-1 and memory-blind; the rest from `question_position` on, seeing memory. A
+  target token's label and masks sit one position before it (shifted, as the labels are)."""
   seq = np.concatenate([row.head, row.question, row.tail, row.context, row.answer])
   n, head = seq.size, row.head.size
   answer_start = n - row.answer.size
@@ -177,6 +193,8 @@ def _fill_prompt_row(out: dict[str, np.ndarray], b: int, row: _Row, question_pos
   out["route_mask"][b, context_start:answer_start] = row.context_route
   out["sees_memory"][b, head:n] = True
   out["labels"][b, answer_start - 1:n - 1] = np.where(row.answer_target, row.answer, -1)
+  out["answer_mask"][b, answer_start - 1:n - 1] = row.answer_value
+  out["context_mask"][b, context_start - 1:answer_start - 1] = row.context_target
   out["doc_labels"][b, row.positives] = 1
 
 
@@ -245,7 +263,9 @@ def build_batch(samples: Sequence[Sample], *, seq_len_mem: int, seq_len_prompt: 
             "route_mask": np.zeros((batch, seq_len_prompt), bool),
             "sees_memory": np.zeros((batch, seq_len_prompt), bool),
             "labels": np.full((batch, seq_len_prompt), -1, np.int32),
-            "doc_labels": np.zeros((batch, max_docs), np.int32)}
+            "doc_labels": np.zeros((batch, max_docs), np.int32),
+            "answer_mask": np.zeros((batch, seq_len_prompt), bool),
+            "context_mask": np.zeros((batch, seq_len_prompt), bool)}
   for b, row in enumerate(rows):
     _fill_memory_row(mem, b, row.documents, chunk_size)
     _fill_prompt_row(prompt, b, row, question_position)

@@ -57,9 +57,17 @@ def restatement(question: str) -> str:
   return _RESTATEMENT.format(question=question)
 
 
+def final_answer_pieces(answer: str) -> tuple[str, str, str]:
+  """The model's closing line cut around the answer's value: (prefix, value, end). The value keeps
+  the space before it (` A`), where word-level and BPE tokenizers put it on the value's first
+  token, so tokenizing the pieces apart gives the ids of the whole line."""
+  prefix = ANSWER_PREFIX.rstrip()
+  return prefix, ANSWER_PREFIX[len(prefix):] + answer, "<|im_end|>"
+
+
 def final_answer(answer: str) -> str:
   """The model's closing line."""
-  return f"{ANSWER_PREFIX}{answer}<|im_end|>"
+  return "".join(final_answer_pieces(answer))
 
 
 def parse_ids(text: str) -> list[int]:

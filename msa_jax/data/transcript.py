@@ -18,11 +18,13 @@ Prompt of step h (MSA_REFERENCE_IMPL.md §5.3), in pieces:
   answer         step h < H: `[..]<|object_ref_end|>`                        target
                  step H:     `<End-of-Retrieve>`                              target
                              `<|im_start|>The user's question is: Q\\n<|object_ref_end|>`  injected
-                             `The answer to the question is: A<|im_end|>`     target
+                             `The answer to the question is:` ` A` `<|im_end|>`  target
 
 so the router query of a step is the question plus the newest injected documents, as in the official
 re-prefill. Every piece is tokenized on its own and the ids are concatenated (the text is never
-re-tokenized as a whole), so the spans of the masks are exact for any tokenizer.
+re-tokenized as a whole), so the spans of the masks are exact for any tokenizer. The markers of the
+extra loss terms are such spans too: `answer_value` is the piece ` A` (the answer loss's targets),
+`context_target` every injected-documents piece of the context (the context LM loss's targets).
 
 Documents are the record's documents wrapped as `<|im_start|>[id]. text[id]<|im_end|>` with their
 display ids (`Record.doc_ids`, by default 0-based indices). Ids are written, and documents
@@ -31,7 +33,7 @@ injected, in the record's hop order.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample
@@ -53,25 +55,34 @@ def prompt_pieces(question: str, tokenizer) -> tuple[list[int], list[int], list[
           _encode(tokenizer, pf.TEMPLATE_TAIL))
 
 
+class Context(NamedTuple):
+  """A retrieval transcript's ids and, per token, whether it routes and whether it is injected
+  document text."""
+
+  ids: list[int]
+  route: list[bool]
+  injected: list[bool]
+
+
 def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, str]]]],
-                      tokenizer) -> tuple[list[int], list[bool]]:
-  """The transcript of retrieval rounds, and which of its tokens route (the newest injected
-  documents). A round is (the ids of what the model wrote, `[i][k]<|object_ref_end|>`; the
+                      tokenizer) -> Context:
+  """The transcript of retrieval rounds: its tokens route where they are the newest injected
+  documents. A round is (the ids of what the model wrote, `[i][k]<|object_ref_end|>`; the
   (display id, text) documents injected after it). Training samples and the Memory Interleave
   driver both build their contexts here, so the two cannot drift apart."""
-  ids: list[int] = []
-  route: list[bool] = []
+  out = Context([], [], [])
   for j, (written, entries) in enumerate(rounds):
-    pieces = ((list(written), False),
-              (_encode(tokenizer, pf.injected_documents(entries)), j == len(rounds) - 1),
-              (_encode(tokenizer, pf.injection_end()), False))
-    for piece, routes in pieces:
-      ids.extend(piece)
-      route.extend([routes] * len(piece))
-  return ids, route
+    pieces = ((list(written), False, False),
+              (_encode(tokenizer, pf.injected_documents(entries)), j == len(rounds) - 1, True),
+              (_encode(tokenizer, pf.injection_end()), False, False))
+    for piece, routes, injected in pieces:
+      out.ids.extend(piece)
+      out.route.extend([routes] * len(piece))
+      out.injected.extend([injected] * len(piece))
+  return out
 
 
-def _context(record: Record, step: int, tokenizer) -> tuple[list[int], list[bool]]:
+def _context(record: Record, step: int, tokenizer) -> Context:
   """The transcript of the record's retrieval steps 0..step-1 (the gold rounds)."""
   rounds = []
   for hop in record.hops[:step]:
@@ -89,29 +100,33 @@ def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
                      f"steps")
   documents = [_encode(tokenizer, pf.wrap_document(i, text))
                for i, text in zip(record.doc_ids, record.documents)]
-  context, context_route = _context(record, step, tokenizer)
+  context = _context(record, step, tokenizer)
   if step < n_hops:
     answer = _encode(tokenizer, pf.round_ids([record.doc_ids[i] for i in record.hops[step]]))
-    answer_target = [True] * len(answer)
+    answer_target, answer_value = [True] * len(answer), []
     positives = record.hops[step]
   else:
-    answer, answer_target = [], []
-    for text, target in ((pf.END_OF_RETRIEVE, True),
-                         (pf.restatement(record.question), False),
-                         (pf.final_answer(record.answer), True)):
+    answer, answer_target, answer_value = [], [], []
+    prefix, value, end = pf.final_answer_pieces(record.answer)
+    for text, target, is_value in ((pf.END_OF_RETRIEVE, True, False),
+                                   (pf.restatement(record.question), False, False),
+                                   (prefix, True, False), (value, True, True), (end, True, False)):
       piece = _encode(tokenizer, text)
       answer.extend(piece)
       answer_target.extend([target] * len(piece))
+      answer_value.extend([is_value] * len(piece))
     positives = record.hops[-1]
   head, question, tail = prompt_pieces(record.question, tokenizer)
   return Sample(documents=documents,
                 template_head=head,
                 question=question,
                 template_tail=tail,
-                context=context,
-                context_route=context_route,
+                context=context.ids,
+                context_route=context.route,
+                context_target=context.injected,
                 answer=answer,
                 answer_target=answer_target,
+                answer_value=answer_value,
                 positive_docs=list(positives))
 
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax.data.batch import PromptBatch, plain_prompt
+from msa_jax.data.batch import PromptBatch, inference_prompt, plain_prompt
 from msa_jax.data.batch_builder import bucket_length
 from msa_jax.inference import kv_cache, sampling
 from msa_jax.inference.requests import Generation, LayerRouting, Request, SamplingConfig
@@ -247,11 +247,7 @@ class Engine:
                                           m.question_position + cols - m.template_len) * valid)
       arrays["route_mask"].append(np.pad(np.asarray(r.route_mask, bool), (0, s - n)))
       arrays["sees_memory"].append(valid & (cols >= m.template_len))
-    a = {k: jnp.asarray(np.stack(v)) for k, v in arrays.items()}
-    return PromptBatch(tokens=a["tokens"], segment_ids=a["segment_ids"],
-                       positions=a["positions"].astype(jnp.int32), route_mask=a["route_mask"],
-                       sees_memory=a["sees_memory"], labels=jnp.full((b, s), -1, jnp.int32),
-                       doc_labels=jnp.zeros((b, 0), jnp.int32))
+    return inference_prompt(**{k: np.stack(v) for k, v in arrays.items()})
 
   # ------------------------------------------------------------------ the API
 

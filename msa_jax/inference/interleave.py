@@ -174,11 +174,11 @@ class InterleaveDriver:
   # -- contexts ------------------------------------------------------------------------------------
 
   def _request(self, q: _Question) -> Request:
-    context, context_route = transcript.retrieval_context(q.rounds, self.tokenizer)
+    context = transcript.retrieval_context(q.rounds, self.tokenizer)
     tail = q.answer_prefix or []
-    tokens = q.head + q.question + q.tail + context + tail
+    tokens = q.head + q.question + q.tail + context.ids + tail
     route = ([False] * len(q.head) + [True] * len(q.question) + [False] * len(q.tail) +
-             context_route + [False] * len(tail))
+             context.route + [False] * len(tail))
     answering = q.answer_prefix is not None
     if self.config.router_only and not answering:
       budget, stops = 1, ()  # only the routing of the prefill is used
@@ -217,7 +217,7 @@ class InterleaveDriver:
     return entries, unknown
 
   def _finish(self, q: _Question, answer: str, status: str) -> None:
-    context, _ = transcript.retrieval_context(q.rounds, self.tokenizer)
+    context = transcript.retrieval_context(q.rounds, self.tokenizer).ids
     q.result = InterleaveResult(q.text, answer, status, q.trace,
                                 q.head + q.question + q.tail + context + (q.answer_prefix or []))
 

@@ -43,13 +43,16 @@ def layer_blocks(num_layers: int, router_layers) -> list[tuple[int, int, bool]]:
 
 @flax.struct.dataclass
 class MSAOutput:
-  """hidden [B,S_q,E] (final-normed prompt states, None in encode); per router layer, stacked in
+  """hidden [B,S_q,E] (final-normed prompt states, None in encode); memory_hidden [B,S_mem,E]
+  (final-normed memory-stream states, None without a memory stream: training's memory LM loss
+  reads them, anything else leaves them to dead-code elimination); per router layer, stacked in
   `router_layers` order: doc_scores [L_r,B,C] f32, doc_selected [L_r,B,C] bool; doc_present [B,C]
   (column d-1 = document d; C = chunk slots, an upper bound on documents per row). `extras` holds
   collected outputs: "pooled" (a MemoryView), "prompt_kv" and "kv" (lists per layer, see
   `MSADecoderLayer`), "selection" (list per router layer) and, when decoding, "cache"."""
 
   hidden: jax.Array | None
+  memory_hidden: jax.Array | None
   doc_scores: jax.Array | None
   doc_selected: jax.Array | None
   doc_present: jax.Array | None
@@ -113,7 +116,7 @@ class MSAForCausalLM(nn.Module):
                          "(scan_layers=False)")
       for i in range(c.num_layers):
         streams, per_layer[i] = self.layers[i](streams, None, prompt, None, cache[i])
-      return self._collect_outputs(streams[1], per_layer)
+      return self._collect_outputs(streams, per_layer)
     for start, end, is_router in layer_blocks(c.num_layers, self.msa.router_layers):
       if c.scan_layers:
         xs = view.span(start, end) if (view is not None and is_router) else None
@@ -124,11 +127,11 @@ class MSAForCausalLM(nn.Module):
         for i in range(start, end):
           layer_memory = view.at(i) if (view is not None and is_router) else None
           streams, per_layer[i] = self.layers[i](streams, memory, prompt, layer_memory)
-    return self._collect_outputs(streams[1], per_layer)
+    return self._collect_outputs(streams, per_layer)
 
-  def _collect_outputs(self, x_prompt, per_layer) -> MSAOutput:
+  def _collect_outputs(self, streams, per_layer) -> MSAOutput:
     routers = self.msa.router_layers
-    hidden = None if x_prompt is None else self.final_norm(x_prompt)
+    memory_hidden, hidden = (None if x is None else self.final_norm(x) for x in streams)
     selections = [per_layer[i]["selection"] for i in routers if "selection" in per_layer[i]]
     scores = selected = present = None
     if selections:
@@ -146,7 +149,8 @@ class MSAForCausalLM(nn.Module):
       extras["cache"] = [per_layer[i]["cache"] for i in range(self.config.num_layers)]
     if "selection" in self.collect:  # per router layer, the selection objects of the view
       extras["selection"] = selections
-    return MSAOutput(hidden, scores, selected, present, extras)
+    return MSAOutput(hidden=hidden, memory_hidden=memory_hidden, doc_scores=scores,
+                     doc_selected=selected, doc_present=present, extras=extras)
 
   def prompt_logits(self, prompt, memory=None, view: MemoryView | None = None):
     """(logits [B, S_q, V] in the compute dtype, MSAOutput): for inference and small shapes; training

@@ -98,7 +98,8 @@ def _answer_prefix_sample(record: Record, tokenizer: Tokenizer) -> Sample:
   sample = record_step_sample(record, num_steps(record) - 1, tokenizer)
   given = len(tokenizer.encode(pf.END_OF_RETRIEVE)) + len(
       tokenizer.encode(pf.restatement(record.question)))
-  return dataclasses.replace(sample, answer=list(sample.answer)[:given], answer_target=())
+  return dataclasses.replace(sample, answer=list(sample.answer)[:given], answer_target=(),
+                             answer_value=())
 
 
 def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Sequence[Record],

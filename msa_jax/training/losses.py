@@ -1,4 +1,5 @@
-"""Training losses: chunked LM cross-entropy, the router's auxiliary loss and router recall.
+"""Training losses: chunked LM cross-entropy, the router's auxiliary loss, router recall and the
+weighted total.
 
 Pure jax.numpy with static shapes and float32 math, so all of it runs inside a jitted train step
 (MSA_REFERENCE_IMPL.md §2.7, MSA_PAPER.md §2.2).
@@ -6,7 +7,8 @@ Pure jax.numpy with static shapes and float32 math, so all of it runs inside a j
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +23,17 @@ RECALL_AT = (1, 5, 10, 16)
 
 
 def _chunk_nll(hidden, lm_kernel, labels):
-  """Summed NLL and token count of one chunk; its [B, c, V] logits live only inside this call."""
+  """Summed NLL and token count of one chunk per label set (labels [K, B, c]); its [B, c, V]
+  logits and their logsumexp serve every label set and live only inside this call."""
   logits = jnp.einsum("bce,ev->bcv", hidden, lm_kernel, preferred_element_type=jnp.float32)
-  valid = labels >= 0
-  target = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - target
-  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  nll, count = [], []
+  for k in range(labels.shape[0]):  # K is small and static; one gather each
+    valid = labels[k] >= 0
+    target = jnp.take_along_axis(logits, jnp.where(valid, labels[k], 0)[..., None], axis=-1)[..., 0]
+    nll.append(jnp.sum(jnp.where(valid, lse - target, 0.0)))
+    count.append(jnp.sum(valid, dtype=jnp.float32))
+  return jnp.stack(nll), jnp.stack(count)
 
 
 def chunked_cross_entropy(hidden: jax.Array, lm_kernel: jax.Array, labels: jax.Array,
@@ -34,31 +41,35 @@ def chunked_cross_entropy(hidden: jax.Array, lm_kernel: jax.Array, labels: jax.A
   """Summed next-token NLL and the number of scored tokens, without [B, S, V] logits.
 
   hidden [B, S, E] and lm_kernel [E, V] are in compute dtype (tied embeddings: pass embedding.T);
-  labels [B, S] are already shifted, negative = ignored. A scan walks chunks of `chunk_size`
+  labels [B, S] are already shifted, negative = ignored. labels [K, B, S] score K label sets
+  against one pass of logits (the sums are then [K]). A scan walks chunks of `chunk_size`
   positions; each chunk's body is rematerialised, so the backward pass also holds one chunk's
   logits at a time. Logits accumulate in float32.
   """
   b, s, e = hidden.shape
+  stacked = labels.reshape((-1, b, s))
+  k = stacked.shape[0]
   chunk = max(1, min(int(chunk_size), s))
   n = -(-s // chunk)
   pad = n * chunk - s
   hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-  labels = jnp.pad(labels.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
-  xs = (hidden.reshape(b, n, chunk, e).swapaxes(0, 1), labels.reshape(b, n, chunk).swapaxes(0, 1))
+  stacked = jnp.pad(stacked.astype(jnp.int32), ((0, 0), (0, 0), (0, pad)), constant_values=-1)
+  xs = (hidden.reshape(b, n, chunk, e).swapaxes(0, 1),
+        stacked.reshape(k, b, n, chunk).transpose(2, 0, 1, 3))
   body = jax.checkpoint(_chunk_nll)
 
   def step(carry, x):
     nll, count = body(x[0], lm_kernel, x[1])
     return (carry[0] + nll, carry[1] + count), None
 
-  zero = jnp.zeros((), jnp.float32)
+  zero = jnp.zeros((k,), jnp.float32)
   (nll, count), _ = jax.lax.scan(step, (zero, zero), xs)
-  return nll, count
+  return nll.reshape(labels.shape[:-2]), count.reshape(labels.shape[:-2])
 
 
 def mean_cross_entropy(hidden: jax.Array, lm_kernel: jax.Array, labels: jax.Array,
                        chunk_size: int) -> jax.Array:
-  """Token-mean NLL; 0 when no label is scored."""
+  """Token-mean NLL (per label set for labels [K, B, S]); 0 when no label is scored."""
   nll, count = chunked_cross_entropy(hidden, lm_kernel, labels, chunk_size)
   return nll / jnp.maximum(count, 1.0)
 
@@ -190,10 +201,56 @@ def router_recall(doc_scores: jax.Array, doc_present: jax.Array, doc_labels: jax
 # --------------------------------------------------------------------------- total
 
 
-def total_loss(lm: jax.Array, aux: jax.Array, answer: jax.Array | None = None, *,
-               cfg: MSAConfig) -> jax.Array:
-  """w_lm·lm + w_aux·aux (+ w_ans·answer when the batch has an answer loss)."""
-  loss = cfg.lm_loss_weight * lm + cfg.aux_loss_weight * aux
-  if answer is not None:
-    loss = loss + cfg.answer_loss_weight * answer
-  return loss
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """The weight of each term of the objective; a term weighted 0 is left out of the total.
+
+  lm, aux, answer: the official terms (prompt LM over the labels, router aux loss, CE over the final
+  answer's value tokens). rec: the official "reconstruction" term, CE against separate
+  reconstruction labels whose content neither the paper nor the released code defines (weight 0
+  there); our batches have no such labels, so any other weight is refused. Its likely meaning, an
+  LM loss on the documents, is `memory_lm`. Our training-signal options, 0 = off: memory_lm (dense
+  next-token loss within each memory-stream document), context_lm (dense next-token loss on the
+  retrieved text injected in the prompt), prompt_dense (dense next-token loss on every prompt token
+  after the template head).
+  """
+
+  lm: float = 1.0
+  aux: float = 0.1
+  answer: float = 0.0
+  rec: float = 0.0
+  memory_lm: float = 0.0
+  context_lm: float = 0.0
+  prompt_dense: float = 0.0
+
+  def __post_init__(self):
+    if self.rec != 0:
+      raise ValueError(f"rec_loss_weight {self.rec:g}: the official reconstruction labels are "
+                       f"undefined and our batches have none; set MSAConfig.rec_loss_weight to 0 "
+                       f"(model.msa_overrides; the documents' LM loss is memory_lm_weight)")
+    negative = {k: v for k, v in dataclasses.asdict(self).items() if v < 0}
+    if negative:
+      raise ValueError(f"loss weights must be >= 0, got {negative}")
+
+  @classmethod
+  def of(cls, cfg: MSAConfig, **overrides: float | None) -> "LossWeights":
+    """The MSAConfig's official weights, with `overrides` that are not None."""
+    weights = cls(lm=cfg.lm_loss_weight, aux=cfg.aux_loss_weight, answer=cfg.answer_loss_weight,
+                  rec=cfg.rec_loss_weight)
+    return dataclasses.replace(weights, **{k: v for k, v in overrides.items() if v is not None})
+
+  def active(self) -> dict[str, float]:
+    """The terms with a nonzero weight, by name."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+  def __str__(self) -> str:
+    return " + ".join(f"{w:g}*{name}" for name, w in self.active().items()) or "0"
+
+
+def total_loss(terms: Mapping[str, jax.Array], weights: LossWeights) -> jax.Array:
+  """Σ weight·term over the terms with a nonzero weight (each of them must be in `terms`)."""
+  active = weights.active()
+  missing = sorted(set(active) - set(terms))
+  if missing:
+    raise ValueError(f"loss terms {missing} have nonzero weights but were not computed")
+  return sum((w * terms[name] for name, w in active.items()), jnp.zeros((), jnp.float32))

@@ -76,7 +76,7 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     shown = " ".join(f"{k} {v:.4g}" for k, v in mean.items()
-                     if k in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr")
+                     if k in ("loss", "grad_norm", "lr") or k.endswith("_loss")
                      or k.startswith("recall@1/") or k.startswith("recall@5/"))
     self.printer(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.1f}%) "
                  f"[{phase}] {shown} | {row['tokens_per_s']:.4g} tok/s, "
@@ -106,7 +106,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
 
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))
   panels = [
-      (axes[0, 0], [k for k in ("loss", "lm_loss", "aux_loss") if k in keys], "loss", True),
+      (axes[0, 0], [k for k in keys if k == "loss" or k.endswith("_loss")], "loss", True),
       (axes[0, 1], [k for k in keys if k.startswith("recall@")], "router recall", False),
       (axes[1, 0], [k for k in ("grad_norm", "lr") if k in keys], "grad norm / lr", True),
       (axes[1, 1], ["tokens_per_s"], "tokens/s", False),

@@ -60,7 +60,13 @@ class DataConfig:
 class PhaseConfig:
   """One training phase: its steps, loss weights, learning-rate schedule (linear warm-up then
   cosine to end_lr), what trains, and the memory size of its samples (memory_tokens per sample,
-  padded to one of mem_buckets)."""
+  padded to one of mem_buckets).
+
+  Loss weights (`losses.LossWeights` says what each term is): lm_weight, aux_weight and
+  answer_weight weigh the official terms (answer_weight None: the model's answer_loss_weight, so
+  a converted config's holds); memory_lm_weight, context_lm_weight and prompt_dense_weight are
+  training-signal options, 0 = off. lm_weight = aux_weight = 0 with memory_lm_weight > 0 is an LM
+  pre-phase over the memory's documents."""
 
   name: str
   steps: int
@@ -69,6 +75,10 @@ class PhaseConfig:
   warmup_steps: int = 0
   lm_weight: float = 1.0
   aux_weight: float = 0.1
+  answer_weight: float | None = None
+  memory_lm_weight: float = 0.0
+  context_lm_weight: float = 0.0
+  prompt_dense_weight: float = 0.0
   trainable: str = "all"
   memory_tokens: int = 4096
   mem_buckets: Sequence[int] = ()
@@ -144,6 +154,13 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if p.peak_lr <= 0 or p.end_lr < 0:
       raise TrainConfigError(f"{where}: learning rates must be positive (peak {p.peak_lr}, "
                              f"end {p.end_lr})")
+    weights = {"lm_weight": p.lm_weight, "aux_weight": p.aux_weight,
+               "answer_weight": p.answer_weight or 0.0, "memory_lm_weight": p.memory_lm_weight,
+               "context_lm_weight": p.context_lm_weight,
+               "prompt_dense_weight": p.prompt_dense_weight}
+    negative = sorted(k for k, v in weights.items() if v < 0)
+    if negative:
+      raise TrainConfigError(f"{where}: loss weights must be >= 0, got negative {negative}")
     if max(p.buckets) < p.memory_tokens:
       raise TrainConfigError(f"{where}: memory_tokens {p.memory_tokens} exceeds the largest "
                              f"bucket {max(p.buckets)}")

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.sharding import LOGICAL_RULES
+from msa_jax.training.losses import LossWeights
 from msa_jax.training.objective import loss_and_metrics
 
 
@@ -70,13 +71,13 @@ def abstract_state(params_abstract, tx: optax.GradientTransformation, param_shar
 
 
 def make_train_step(model: MSAForCausalLM, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    lm_weight: float, aux_weight: float, ce_chunk_size: int, state_shardings):
+                    weights: LossWeights, ce_chunk_size: int, state_shardings):
   """A jitted `(state, memory, prompt) -> (state, metrics)`; metrics are replicated scalars."""
 
   def loss_fn(params, memory, prompt):
     with nn.logical_axis_rules(LOGICAL_RULES):
       return loss_and_metrics(params, model, memory, prompt, ce_chunk_size=ce_chunk_size,
-                              lm_weight=lm_weight, aux_weight=aux_weight)
+                              weights=weights)
 
   def step(state: TrainState, memory, prompt):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, memory, prompt)

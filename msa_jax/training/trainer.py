@@ -25,9 +25,10 @@ from msa_jax.model.param_layout import unstack_layers
 from msa_jax.sharding import make_mesh
 from msa_jax.training import optimizer as optlib
 from msa_jax.training.checkpointing import TrainCheckpoints
+from msa_jax.training.losses import LossWeights
 from msa_jax.training.metrics_log import MetricsLog, plot_curves
 from msa_jax.training.model_setup import build_model
-from msa_jax.training.train_config import TrainConfig, config_to_dict
+from msa_jax.training.train_config import PhaseConfig, TrainConfig, config_to_dict
 from msa_jax.training.train_step import (TrainState, abstract_state, batch_sharding, init_state,
                                          make_train_step, shardings_of)
 
@@ -80,6 +81,14 @@ def _to_global(batch, mesh):
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       batch)
+
+
+def phase_loss_weights(phase: PhaseConfig, msa) -> LossWeights:
+  """The phase's loss weights over the model's MSAConfig ones (an unset answer_weight keeps the
+  config's)."""
+  return LossWeights.of(msa, lm=phase.lm_weight, aux=phase.aux_weight, answer=phase.answer_weight,
+                        memory_lm=phase.memory_lm_weight, context_lm=phase.context_lm_weight,
+                        prompt_dense=phase.prompt_dense_weight)
 
 
 def _tokens(memory: MemoryBatch, prompt: PromptBatch) -> int:
@@ -150,14 +159,14 @@ def train(cfg: TrainConfig, workdir: str,
       if data_state is not None:
         batches.set_state(data_state["iterator"])
         data_state = None
-      step_fn = make_train_step(model, tx, mesh, lm_weight=phase.lm_weight,
-                                aux_weight=phase.aux_weight, ce_chunk_size=cfg.ce_chunk_size,
+      weights = phase_loss_weights(phase, model.msa)
+      step_fn = make_train_step(model, tx, mesh, weights=weights, ce_chunk_size=cfg.ce_chunk_size,
                                 state_shardings=shardings_of(state))
       schedule = optlib.learning_rate(phase)
       current = index
       printer(f"phase {phase.name}: steps {cfg.phase_start(index)}..{cfg.phase_start(index + 1)}, "
-              f"lr {phase.peak_lr:g}->{phase.end_lr:g}, loss {phase.lm_weight:g}*LM + "
-              f"{phase.aux_weight:g}*aux, trains {phase.trainable}, memory {phase.memory_tokens}")
+              f"lr {phase.peak_lr:g}->{phase.end_lr:g}, loss {weights}, trains {phase.trainable}, "
+              f"memory {phase.memory_tokens}")
     memory, prompt = next(batches)
     tokens = _tokens(memory, prompt)
     state, metrics = step_fn(state, *_to_global((memory, prompt), mesh))
