@@ -54,6 +54,12 @@ class Tokenizer:
     """Token ids of `text`; special-token strings inside it map to their ids, nothing is added."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)` and each token's character span in `text`, to tell which part of a text a
+    token came from (a token may straddle two parts)."""
+    enc = self._tok.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
     """Text of `ids`; special tokens are kept by default (Memory Interleave parses them)."""
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,60 @@
+"""A memory view that forces given documents into every router layer's top-k selection.
+
+The teacher-forced probe (`msa_jax.training.probe`) uses it to measure id reading and answer
+copying with the gold documents attended whatever the router scored, so router errors drop out.
+It wraps a `MemoryView` (selections with one column per document) and changes only the selection:
+forced documents replace the lowest-scoring picks, the rest of the top-k stays, and the reported
+document scores remain the router's.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from msa_jax.config import MSAConfig
+from msa_jax.model import router
+from msa_jax.model.memory_view import LayerMemory, MemoryView
+
+
+def force_selection(selection: router.Selection, forced, k: int) -> router.Selection:
+  """`selection` with the present documents of `forced` [B, D] in its top-k: the top-k by score
+  with forced documents ranked first (all of them when they fit k_eff)."""
+  key = jnp.where(forced & selection.doc_present, jnp.inf, selection.doc_scores)
+  return selection.replace(doc_selected=router.select_top_k(key, selection.doc_present, k))
+
+
+@flax.struct.dataclass
+class ForcedLayerMemory:
+  """One router layer's memory whose `route` forces `forced` [..., B, D] bool into the top-k."""
+
+  memory: LayerMemory
+  forced: jax.Array
+
+  def route(self, q_r, route_mask, cfg: MSAConfig) -> router.Selection:
+    return force_selection(self.memory.route(q_r, route_mask, cfg), self.forced, cfg.top_k_docs)
+
+  def gather(self, selection: router.Selection):
+    return self.memory.gather(selection)
+
+
+@flax.struct.dataclass
+class ForcedView:
+  """`view` with the documents `forced` [B, D] (column d-1 = document d) in every router layer's
+  selection."""
+
+  view: MemoryView
+  forced: jax.Array
+
+  @property
+  def router_layers(self) -> tuple[int, ...]:
+    return self.view.router_layers
+
+  def at(self, layer: int) -> ForcedLayerMemory:
+    return ForcedLayerMemory(self.view.at(layer), self.forced)
+
+  def span(self, start: int, end: int) -> ForcedLayerMemory:
+    """A scanned block's memories: the forced mask repeated on the block's leading layer axis."""
+    forced = jnp.broadcast_to(self.forced, (end - start, *self.forced.shape))
+    return ForcedLayerMemory(self.view.span(start, end), forced)

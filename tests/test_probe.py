@@ -1,0 +1,228 @@
+"""The teacher-forced probe: its classes partition the scored labels, its numbers equal a numpy
+oracle over the training forward's logits, `ForcedView` puts the gold documents in every router
+layer's selection, and the tool binary writes JSON or fails with one clear line."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from msa_jax import config as cfglib
+from msa_jax.data import prompt_format as pf
+from msa_jax.data.batch_builder import build_batch
+from msa_jax.data.synthetic import generate, world_tokenizer
+from msa_jax.data.transcript import num_steps, record_step_sample
+from msa_jax.model import entry_points
+from msa_jax.model.forced_view import ForcedView
+from msa_jax.model.model import MSAForCausalLM
+from msa_jax.model.param_layout import stack_layers
+from msa_jax.training import probe as P
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = world_tokenizer()
+SMALL = dict(memory_tokens=320, min_doc_tokens=8, max_doc_tokens=40)
+
+
+def _records():
+  """Each task the probe serves, one record with 3-digit display ids (ids of several tokens)."""
+  fact = generate("fact_lookup", 3, 0, **SMALL)
+  return [fact.with_ids([100 + 7 * i for i in range(len(fact.documents))]),
+          generate("fact_lookup", 3, 1, **SMALL),
+          generate("multi_hop", 3, 0, num_hops=2, **SMALL),
+          generate("niah_single", 3, 0, **SMALL)]
+
+
+def _model(top_k=2, scan=False, seed=0):
+  model_cfg, msa_cfg = cfglib.preset("tiny")
+  model_cfg = model_cfg.replace(vocab_size=832, compute_dtype="float32")
+  model = MSAForCausalLM(model_cfg, msa_cfg.replace(top_k_docs=top_k))
+  memory, prompt = _batch([record_step_sample(_records()[0], 0, TOKENIZER)], model)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), prompt, memory)["params"])
+  if scan:
+    model = model.clone(config=model.config.replace(scan_layers=True))
+    params = stack_layers(params, model.config.num_layers, model.msa.router_layers)
+  return model, params
+
+
+def _batch(samples, model, seq_len_prompt=512):
+  return build_batch(samples, seq_len_mem=384, seq_len_prompt=seq_len_prompt, max_docs=16,
+                     chunk_size=model.msa.chunk_size, question_position=model.msa.question_position,
+                     pad_id=TOKENIZER.pad_id, vocab_size=model.config.vocab_size)
+
+
+def _steps(records):
+  """(record, step, kind) of every step."""
+  return [(r, s, "retrieval" if s < len(r.hops) else "answer")
+          for r in records for s in range(num_steps(r))]
+
+
+def test_classes_partition_the_scored_labels():
+  model, _ = _model()
+  for record, step, kind in _steps(_records()):
+    sample = record_step_sample(record, step, TOKENIZER)
+    classes = P.target_classes(record, step, sample, TOKENIZER)
+    for s in (sample, P.append_gold_text(record, step, sample, TOKENIZER)):
+      _, prompt = _batch([s], model)
+      labels = np.asarray(prompt.labels)[0]
+      grid = P.class_grid(s, classes, labels.size)
+      np.testing.assert_array_equal(grid >= 0, labels >= 0)
+      assert set(grid[grid >= 0]) <= {P.FORMAT, P.ID_DIGITS, P.ANSWER}
+      text = lambda c: TOKENIZER.decode(labels[grid == c])
+      if kind == "retrieval":
+        assert text(P.ID_DIGITS) == "".join(str(record.doc_ids[i]) for i in record.hops[step])
+        assert text(P.FORMAT) == "[]" * len(record.hops[step]) + "<|object_ref_end|>"
+        assert not (grid == P.ANSWER).any()
+      else:
+        assert text(P.ANSWER).strip() == record.answer
+        assert text(P.FORMAT).replace(" ", "") == (pf.END_OF_RETRIEVE + pf.ANSWER_PREFIX +
+                                                    "<|im_end|>").replace(" ", "")
+        assert not (grid == P.ID_DIGITS).any()
+
+
+def _appended_independently(record, step, sample):
+  """The gold text after the context, tokenized as one string (the probe tokenizes two pieces)."""
+  if step == len(record.hops):
+    return sample
+  text = "".join(f"[{record.doc_ids[i]}]. {record.documents[i]}\n" for i in record.hops[step])
+  extra = TOKENIZER.encode(text + "<|object_ref_end|>")
+  return dataclasses.replace(sample, context=list(sample.context) + extra,
+                             context_route=list(sample.context_route) + [False] * len(extra))
+
+
+def _oracle_class(label_text, kind, index, prefix_len):
+  """A scored label's class from its text: digits of a round are ids; in the answer step the
+  targets after `<End-of-Retrieve>The answer to the question is:` but the last are the answer."""
+  if kind == "retrieval":
+    return "id_digits" if label_text.isdigit() else "format"
+  return "answer" if prefix_len <= index and label_text.strip() and label_text != "<|im_end|>" \
+      else "format"
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _accumulate(sums, cond, logits, prompt, steps):
+  """Adds each row's scored labels to sums[(cond, kind, class)] = [count, correct, logp]."""
+  prefix_len = 1 + len(TOKENIZER.encode(pf.ANSWER_PREFIX.strip()))
+  logp = _log_softmax(np.asarray(logits, np.float64))
+  labels = np.asarray(prompt.labels)
+  for b, (_, _, k) in enumerate(steps):
+    for j, pos in enumerate(np.flatnonzero(labels[b] >= 0)):
+      cls = _oracle_class(TOKENIZER.decode([labels[b, pos]]), k, j, prefix_len)
+      for key in ((cond, k, cls), (cond, k, "all")):
+        s = sums.setdefault(key, [0, 0, 0.0])
+        s[0] += 1
+        s[1] += int(np.argmax(logits[b, pos]) == labels[b, pos])
+        s[2] += logp[b, pos, labels[b, pos]]
+
+
+def test_probe_equals_a_numpy_oracle_over_the_training_forward():
+  model, params = _model()
+  records = _records()
+  result = P.probe(model, params, TOKENIZER, records, batch_size=3, rows_per_prefill=5)
+  steps = _steps(records)
+  normal = [record_step_sample(r, s, TOKENIZER) for r, s, _ in steps]
+  appended = [_appended_independently(r, s, x) for (r, s, _), x in zip(steps, normal)]
+  forward = jax.jit(lambda p, m, pr: model.apply({"params": p}, pr, m,
+                                                 method=MSAForCausalLM.prompt_logits))
+  sums = {}
+  for cond, samples in (("normal", normal), ("gold_text_appended", appended)):
+    memory, prompt = _batch(samples, model)
+    logits, out = forward(params, memory, prompt)
+    _accumulate(sums, cond, np.asarray(logits), prompt, steps)
+    if cond == "normal":
+      scores, present = np.asarray(out.doc_scores), np.asarray(out.doc_present)
+      top1 = np.argmax(np.where(present, scores, -np.inf), axis=-1)  # [L, B]
+      hits = np.array([[t in x.positive_docs for t, x in zip(row, samples)] for row in top1])
+      for kind in P.STEP_KINDS:
+        rows = [b for b, (_, _, k) in enumerate(steps) if k == kind]
+        want = hits[:, rows].mean(axis=1)
+        got = list(result["router_recall@1"][kind].values())
+        np.testing.assert_allclose(got, want, atol=1e-9, err_msg=kind)
+  # gold_forced: the gold documents forced into the selection of a row-aligned prefill
+  memory, prompt = _batch(normal, model)
+  view = entry_points.encode_memory(model, params, memory, TOKENIZER.encode(pf.TEMPLATE_HEAD)).view
+  gold = np.zeros((len(normal), view.layers.chunk_doc.shape[-1]), bool)
+  for b, s in enumerate(normal):
+    gold[b, list(s.positive_docs)] = True
+  logits, out = entry_points.prefill(model, params, prompt, ForcedView(view, gold))
+  _accumulate(sums, "gold_forced", np.asarray(logits), prompt, steps)
+  checked = set()
+  for (cond, kind, cls), (count, correct, logp) in sums.items():
+    got = result["metrics"][cond][kind][cls]
+    assert got["count"] == count, (cond, kind, cls)
+    assert got["accuracy"] == pytest.approx(correct / count, abs=1e-9), (cond, kind, cls)
+    assert got["mean_logprob"] == pytest.approx(logp / count, abs=1e-4), (cond, kind, cls)
+    checked.add(cls)
+  assert checked == {"format", "id_digits", "answer", "all"}
+  for kind, per in result["gold_in_selection"]["gold_forced"].items():
+    assert all(v == 1.0 for v in per.values()), kind
+  assert result["samples"] == {"retrieval": 5, "answer": 4}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
+  model, params = _model(top_k=2, scan=scan, seed=1)
+  samples = [record_step_sample(generate("fact_lookup", 5, i, **SMALL), 0, TOKENIZER)
+             for i in range(6)]
+  memory, prompt = _batch(samples, model, seq_len_prompt=128)
+  view = entry_points.encode_memory(model, params, memory, TOKENIZER.encode(pf.TEMPLATE_HEAD)).view
+  gold = np.zeros((len(samples), view.layers.chunk_doc.shape[-1]), bool)
+  for b, s in enumerate(samples):
+    gold[b, list(s.positive_docs)] = True
+  plain_logits, plain = entry_points.prefill(model, params, prompt, view)
+  forced_logits, forced = entry_points.prefill(model, params, prompt, ForcedView(view, gold))
+  # the router's scores of the forced run (after the first router layer they see the forced
+  # documents' output): the selection is their top-k with the gold replacing the lowest pick
+  scores, present = np.asarray(forced.doc_scores), np.asarray(forced.doc_present)
+  np.testing.assert_array_equal(scores[0], np.asarray(plain.doc_scores)[0])
+  missed = 0
+  for layer in range(scores.shape[0]):
+    for b in range(len(samples)):
+      s = np.where(present[b], scores[layer, b], -np.inf)
+      k = min(model.msa.top_k_docs, present[b].sum())
+      want = np.zeros_like(present[b])
+      want[np.argsort(-s, kind="stable")[:k]] = True
+      if not want[gold[b]].all():
+        missed += 1
+        want[np.argmin(np.where(want, s, np.inf))] = False
+        want[gold[b]] = True
+      np.testing.assert_array_equal(np.asarray(forced.doc_selected)[layer, b], want)
+  assert missed > 0, "the random router found every gold document: nothing was forced"
+  changed = np.asarray(forced.doc_selected != plain.doc_selected).any(axis=(0, 2))
+  valid = np.asarray(prompt.segment_ids) > 0
+  diff = np.abs(np.asarray(forced_logits) - np.asarray(plain_logits)).max(axis=-1)
+  assert (diff[changed][valid[changed]] > 0).any()  # the forced documents are attended
+  np.testing.assert_array_equal(diff[~changed], 0.0)
+
+
+def _run_tool(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, "tools/probe.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_tool_writes_json_and_fails_clearly_without_a_model(tmp_path):
+  out = tmp_path / "probe.json"
+  run = _run_tool("--model=models/tiny_msa", "--memory_tokens=1024", "--num_samples=2",
+                  "--batch_size=2", "--seed=99", f"--out={out}")
+  assert run.returncode == 0, run.stderr
+  assert "gold_forced" in run.stdout and "recall@1" in run.stdout
+  result = json.loads(out.read_text())
+  assert result["settings"]["seed"] == 99 and result["records"] == 2
+  assert result["metrics"]["normal"]["retrieval"]["id_digits"]["count"] > 0
+  assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]  # no temporary left behind
+  missing = tmp_path / "no_model"
+  run = _run_tool(f"--model={missing}", f"--out={tmp_path / 'bad.json'}")
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1] == f"probe: no model directory at {missing}"
+  assert "Traceback" not in run.stderr and not (tmp_path / "bad.json").exists()
