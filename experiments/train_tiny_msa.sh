@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# The recorded command that trains the shipped tiny MSA model (models/tiny_msa) and evaluates it on
-# held-out fact-lookup questions over 64K-token memories. Run on one GPU (H200, ~22 minutes of steps).
-# Jobs with a time limit add --pause_after_step=N (extra args are passed on) and rerun on the same
-# workdir: a resumed run continues bit-identically (the shipped model was trained in four such jobs).
-#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run            # train
-#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run train --pause_after_step=2000  # in parts
-#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval       # evaluate <workdir>/final
+# The recorded commands that train the shipped tiny MSA model (models/tiny_msa), in three stages on
+# one GPU (H200 times):
+#   base    experiments/configs/tiny_msa.json          6,000 steps from scratch (~22 min): router
+#   recall  experiments/configs/tiny_msa_recall.json   1,600 steps from base (~5 min)
+#   answer  experiments/configs/tiny_msa_answer.json   2,000 steps from recall (~6 min): the shipped
+#           model (answer-weighted loss, 70% answer steps, documents of 16-64 tokens)
+# Each stage writes WORKDIR/<stage>/final; a later stage continues from the previous one.
+# Jobs with a time limit add --pause_after_step=N (extra args are passed on) and rerun the same
+# command: a resumed run continues bit-identically.
+#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run                 # all stages
+#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run answer          # one stage
+#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval            # evaluate answer/final
 set -euo pipefail
-WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [eval]}
-if [[ "${2:-train}" == "train" ]]; then
-  python3 experiments/train.py --config=experiments/configs/tiny_msa.json --workdir="$WORKDIR" "${@:3}"
-else
-  python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/final" --task=fact_lookup \
-      --memory_tokens=65536 --num_records="${EVAL_RECORDS:-100}" --seed=1000 --batch_size=8 \
-      --out="$WORKDIR/eval_fact_lookup_64k.json"
-fi
+WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [base|recall|answer|eval] [train.py flags]}
+WHAT=${2:-all}
+stage() {  # stage NAME CONFIG [PREVIOUS]
+  local init=()
+  [[ -n "${3:-}" ]] && init=(--set="model.init_from=$WORKDIR/$3/final")
+  python3 experiments/train.py --config="experiments/configs/$2" --workdir="$WORKDIR/$1" \
+      "${init[@]}" "${@:4}"
+}
+case "$WHAT" in
+  all) stage base tiny_msa.json "" "${@:3}"; stage recall tiny_msa_recall.json base "${@:3}"
+       stage answer tiny_msa_answer.json recall "${@:3}" ;;
+  base) stage base tiny_msa.json "" "${@:3}" ;;
+  recall) stage recall tiny_msa_recall.json base "${@:3}" ;;
+  answer) stage answer tiny_msa_answer.json recall "${@:3}" ;;
+  eval)
+    for task in fact_lookup multi_hop niah_single; do
+      python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/answer/final" --task=$task \
+          --memory_tokens=16384 --num_records="${EVAL_RECORDS:-48}" --seed=1000 --batch_size=16 \
+          --max_doc_tokens=64 --out="$WORKDIR/eval_${task}_16k.json"
+    done ;;
+  *) echo "unknown stage $WHAT" >&2; exit 2 ;;
+esac
