@@ -198,7 +198,8 @@ def test_append_equals_encoding_everything_at_once(setup, reference_bank, tmp_pa
 
   with pytest.raises(KeyboardInterrupt):
     _encode(setup, texts[5:], out, append=True, on_commit=kill_after_one)
-  with pytest.raises(BankError, match="interrupted an append|append=True"):
+  with pytest.raises(BankError, match=r"holds an interrupted append; resume it by running the "
+                                      r"same append again, with --append \(append=True\)"):
     _encode(setup, texts[5:], out)
   stats = _encode(setup, texts[5:], out, append=True)
   assert stats.resumed_documents > 0 and stats.bank_documents == len(texts)
@@ -254,6 +255,25 @@ def test_bad_corpora_fail_clearly_and_lose_nothing(setup, reference_bank, tmp_pa
   assert open_bank(str(out)).num_docs == len(texts)
   with pytest.raises(BankError, match="no bank at"):
     _encode(setup, texts, tmp_path / "missing", append=True)
+
+
+def test_out_that_is_not_a_bank(setup, tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(BankError, match="is a file, not a bank directory"):
+    _encode(setup, ["moon"], a_file)
+  with pytest.raises(BankError, match="it is a file, not a bank directory"):
+    open_bank(str(a_file))
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("x")
+  with pytest.raises(BankError, match="is a directory but not a bank .* choose a new or empty"):
+    _encode(setup, ["moon"], other)
+  assert os.listdir(other) == ["notes.txt"]
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  _encode(setup, ["moon"], empty)
+  assert open_bank(str(empty)).num_docs == 1
 
 
 def test_foreign_bank_is_refused(setup, reference_bank):

@@ -164,11 +164,12 @@ def manifest_path(bank_dir: str) -> str:
 
 def read_manifest(bank_dir: str) -> BankManifest:
   path = manifest_path(bank_dir)
+  if not os.path.lexists(bank_dir):
+    raise BankError(f"no bank at {bank_dir}: it does not exist")
   if not os.path.isdir(bank_dir):
-    raise BankError(f"no bank at {bank_dir}: the directory does not exist")
+    raise BankError(f"no bank at {bank_dir}: it is a file, not a bank directory")
   if not os.path.exists(path):
-    raise BankError(f"{bank_dir} is not a bank: it has no {MANIFEST_FILE} (an encode that died "
-                    f"before its first commit leaves none; encode again)")
+    raise BankError(f"{bank_dir} is not a bank: it has no {MANIFEST_FILE}")
   try:
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
