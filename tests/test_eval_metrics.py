@@ -64,19 +64,30 @@ def test_parse_score():
 
 class _FakeServer:
   """A local chat-completions endpoint: replies with `replies` in turn (an int is an HTTP error
-  status) and records each request's path, headers and JSON body."""
+  status; ("redirect", url) a 302 to url) and records each request's path, headers and JSON body
+  (None for a GET, which is how urllib follows a redirected POST)."""
 
   def __init__(self, replies):
     self.replies, self.seen = list(replies), []
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):
+        self._reply(None)
+
       def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+      def _reply(self, body):
         outer.seen.append((self.path, dict(self.headers), body))
         reply = outer.replies.pop(0)
         if isinstance(reply, int):
           self.send_response(reply)
+          self.end_headers()
+          return
+        if isinstance(reply, tuple):
+          self.send_response(302)
+          self.send_header("Location", reply[1])
           self.end_headers()
           return
         data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
@@ -146,12 +157,43 @@ def test_judge_errors_are_clear_and_never_show_the_key(monkeypatch):
 
     return Response()
 
-  judge = judgelib.Judge("http://judge.invalid/v1", "m", api_key_env="TEST_JUDGE_KEY",
+  judge = judgelib.Judge("https://judge.invalid/v1", "m", api_key_env="TEST_JUDGE_KEY",
                          opener=not_json)
   with pytest.raises(judgelib.JudgeError, match="did not return a chat completion"):
     judge("q", "a", "b")
   with pytest.raises(ValueError, match="url and a model"):
     judgelib.Judge("", "m")
+
+
+def test_judge_refuses_redirects_so_its_key_stays_with_the_endpoint(monkeypatch):
+  monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
+  elsewhere = _FakeServer(["5"])  # another port: another origin
+  judge_server = _FakeServer([("redirect", elsewhere.url + "/chat/completions")])
+  try:
+    judge = judgelib.Judge(judge_server.url, "m", api_key_env="TEST_JUDGE_KEY", backoff_s=0.0)
+    with pytest.raises(judgelib.JudgeError, match=r"answered HTTP 302, a redirect to "
+                                                  r"'http://127.0.0.1:\d+/v1/chat/completions'; "
+                                                  r"redirects are not followed"):
+      judge("q", "a", "b")
+    assert judge_server.seen[0][1]["Authorization"] == "Bearer sk-secret-123"
+    assert elsewhere.seen == []  # neither the key nor the request went there
+  finally:
+    judge_server.close()
+    elsewhere.close()
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://openrouter.ai/api/v1", True), ("http://127.0.0.1:8000/v1", True),
+    ("http://localhost:8000/v1", True), ("http://[::1]:8000/v1", True),
+    ("http://127.3.2.1/v1", True), ("http://openrouter.ai/api/v1", False),
+    ("http://10.0.0.5:8000/v1", False), ("ftp://127.0.0.1/v1", False), ("openrouter.ai/v1", False),
+    ("https:///v1", False)])
+def test_judge_needs_https_except_on_loopback(url, ok):
+  if ok:
+    judgelib.Judge(url, "m")
+  else:
+    with pytest.raises(ValueError, match="needs an https url"):
+      judgelib.Judge(url, "m")
 
 
 # --------------------------------------------------------------------------- query files
