@@ -13,11 +13,11 @@ override. The final model is written to <workdir>/final (an msa_jax checkpoint),
 <workdir>/curves.png.
 """
 
-from absl import app, flags
+from absl import flags
 
 import jax
 
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 from msa_jax.training import data_setup
 from msa_jax.training.model_setup import model_configs
 from msa_jax.training.train_config import load_train_config
@@ -56,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

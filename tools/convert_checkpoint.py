@@ -6,10 +6,10 @@
   python tools/convert_checkpoint.py --direction=msa_jax_to_hf --input=/ckpt/msa-4b --output=/ckpt/msa-4b-hf
 """
 
-from absl import app, flags
+from absl import flags
 
 from msa_jax.checkpoint import convert
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 
 _DIRECTION = flags.DEFINE_enum("direction", "hf_to_msa_jax", ["hf_to_msa_jax", "msa_jax_to_hf"],
                                "Which way to convert.")
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

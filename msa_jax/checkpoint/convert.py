@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 
 from msa_jax import config as cfglib
 from msa_jax.atomic_dir import atomic_output_dir
-from msa_jax.checkpoint.errors import CheckpointError
+from msa_jax.checkpoint.errors import CheckpointError, restore_error
 from msa_jax.checkpoint.hf_names import (LOSS_SCALARS, get_path, is_router_spec, set_path,
                                          tensor_specs)
 from msa_jax.checkpoint.safetensors_dir import SafetensorsDir, write_safetensors_dir
@@ -187,7 +187,7 @@ def restore_tree(ckpt_dir: str, target=None):
     with ocp.StandardCheckpointer() as checkpointer:  # (closed even on failure)
       return checkpointer.restore(path, target)
   except Exception as e:  # orbax raises many types for damaged checkpoints
-    raise CheckpointError(f"cannot restore {path}: {type(e).__name__}: {e}") from e
+    raise restore_error(path, e) from e
 
 
 def _check_tree(ckpt_dir: str, params, specs) -> None:

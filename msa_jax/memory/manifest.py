@@ -151,7 +151,12 @@ class BankManifest:
       if isinstance(e, BankError):
         raise
       raise BankError(f"{where}: malformed manifest ({e})") from None
-    return cls(**values)
+    manifest = cls(**values)
+    try:
+      manifest.configs()
+    except cfglib.ConfigError as e:
+      raise BankError(f"{where}: the manifest's model configuration is invalid ({e})") from None
+    return manifest
 
 
 def now() -> str:
@@ -173,9 +178,8 @@ def read_manifest(bank_dir: str) -> BankManifest:
   try:
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
-  except json.JSONDecodeError as e:
-    raise BankError(f"{path}: corrupt manifest, not valid JSON ({e.msg} at line "
-                    f"{e.lineno})") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BankError(f"{path}: corrupt manifest, not valid JSON ({e})") from None
   return BankManifest.from_json(obj, path)
 
 
