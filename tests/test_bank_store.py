@@ -16,6 +16,7 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_memory_batch
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.memory import BankError, open_bank
+from msa_jax.memory import manifest as mf
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.encode import encode_corpus
 from msa_jax.model import entry_points
@@ -75,7 +76,7 @@ def _files(path):
   return out
 
 
-def _manifest(path, drop=("created", "updated")):
+def _manifest(path, drop=("created", "updated", "manifest_sha256")):
   with open(os.path.join(path, "manifest.json")) as f:
     m = json.load(f)
   return {k: v for k, v in m.items() if k not in drop}
@@ -257,6 +258,15 @@ def test_bad_corpora_fail_clearly_and_lose_nothing(setup, reference_bank, tmp_pa
     _encode(setup, texts, tmp_path / "missing", append=True)
 
 
+def test_a_kill_during_the_first_commit_leaves_nothing_the_next_run_keeps(setup, tmp_path):
+  stale = tmp_path / ".bank.tmp-0123abcd"  # what a SIGKILL inside the first commit leaves
+  (stale / "router_keys").mkdir(parents=True)
+  logs = []
+  _encode(setup, ["moon"], tmp_path / "bank", log=logs.append)
+  assert sorted(os.listdir(tmp_path)) == ["bank"]
+  assert f"removed {stale}, left by an encode killed before its first commit" in logs
+
+
 def test_out_that_is_not_a_bank(setup, tmp_path):
   a_file = tmp_path / "file"
   a_file.write_text("x")
@@ -358,9 +368,16 @@ def test_corrupt_truncated_and_missing_files_are_detected(reference_bank, tmp_pa
     open_bank(str(bank))
   shutil.rmtree(bank)
 
-  bank = _copy(ref, tmp_path)  # a manifest that commits more than the arrays hold
+  bank = _copy(ref, tmp_path)  # an edited manifest fails its own checksum
   m = _manifest(bank, drop=())
-  m["num_chunks"] += 5
+  m["router_layers"] = [0, 2]  # as many layers: nothing else would notice
+  with open(bank / "manifest.json", "w") as f:
+    json.dump(m, f)
+  with pytest.raises(BankError, match="manifest.json: the manifest does not match its checksum"):
+    open_bank(str(bank), verify="full")
+  m["router_layers"] = [1, 3]
+  m["num_chunks"] += 5  # one that commits more than the arrays hold (checksummed again)
+  m["manifest_sha256"] = mf.content_digest({k: v for k, v in m.items() if k != "manifest_sha256"})
   with open(bank / "manifest.json", "w") as f:
     json.dump(m, f)
   with pytest.raises(BankError, match="truncated"):

@@ -14,6 +14,7 @@ import pytest
 
 import msa_jax
 from msa_jax.checkpoint.errors import CheckpointError
+from msa_jax.memory import manifest as mf
 from msa_jax.memory.encode import encode_corpus
 from msa_jax.training.checkpointing import TrainCheckpoints
 
@@ -48,6 +49,15 @@ def bank(tmp_path_factory):
   encode_corpus(loaded.model, loaded.params, loaded.tokenizer, ["alpha beta", "moon river"], path,
                 row_tokens=128, batch_rows=1, log=lambda s: None)
   return path
+
+
+def test_a_truncated_checkpoint(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(TINY, ckpt)
+  _truncate_largest(ckpt / "params")
+  line = _error_line("experiments/generate.py", f"--checkpoint={ckpt}", "--prompt=hi")
+  assert line.startswith(f"generate: cannot restore {ckpt}/params: it is damaged or incomplete (")
+  assert "tensorstore_spec" not in line and len(line) < 400
 
 
 def test_a_truncated_training_checkpoint(tmp_path):
@@ -85,6 +95,8 @@ def test_inspect_a_bank_with_an_unknown_score_mode(bank, tmp_path):
   with open(copy / "manifest.json") as f:
     manifest = json.load(f)
   manifest["msa_config"]["score_mode"] = "dot"  # as a later msa_jax might write
+  manifest["manifest_sha256"] = mf.content_digest(
+      {k: v for k, v in manifest.items() if k != "manifest_sha256"})
   with open(copy / "manifest.json", "w") as f:
     json.dump(manifest, f)
   line = _error_line("tools/inspect_bank.py", f"--bank={copy}")

@@ -28,6 +28,8 @@ _REQUIRE_TOKENIZER = flags.DEFINE_bool("require_tokenizer", True,
 _HF_FORMAT = flags.DEFINE_enum("hf_format", "auto", ["auto", "qwen3", "msa"],
                                "Output format of msa_jax_to_hf.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 2.0, "Largest safetensors shard written, in GiB.")
+_ALLOW_NONFINITE = flags.DEFINE_bool("allow_nonfinite", False, "Convert weights holding NaN or inf "
+                                     "(refused by default: they mean a broken checkpoint).")
 
 
 def main(argv):
@@ -37,11 +39,13 @@ def main(argv):
     out = convert.hf_to_msa_jax(_INPUT.value, _OUTPUT.value, score_mode=_SCORE_MODE.value,
                                 param_dtype=_PARAM_DTYPE.value, seed=_SEED.value,
                                 overwrite=_OVERWRITE.value,
-                                require_tokenizer=_REQUIRE_TOKENIZER.value)
+                                require_tokenizer=_REQUIRE_TOKENIZER.value,
+                                allow_nonfinite=_ALLOW_NONFINITE.value)
   else:
     out = convert.msa_jax_to_hf(_INPUT.value, _OUTPUT.value, hf_format=_HF_FORMAT.value,
                                 overwrite=_OVERWRITE.value,
-                                max_shard_bytes=int(_MAX_SHARD_GB.value * (1 << 30)))
+                                max_shard_bytes=int(_MAX_SHARD_GB.value * (1 << 30)),
+                                allow_nonfinite=_ALLOW_NONFINITE.value)
   print(f"wrote {out}")
 
 

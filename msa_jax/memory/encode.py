@@ -36,7 +36,8 @@ from msa_jax.memory.bank import check_model
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.errors import BankError
 from msa_jax.memory.lock import BankLock
-from msa_jax.memory.writer import DEFAULT_ROWS_PER_CHUNK, BankWriter, EncodedBatch
+from msa_jax.memory.writer import (DEFAULT_ROWS_PER_CHUNK, BankWriter, EncodedBatch,
+                                   remove_stale_temps)
 from msa_jax.model import entry_points
 from msa_jax.training.metrics_log import format_duration
 
@@ -168,6 +169,8 @@ class _Encoder:
 
   def _open(self, append: bool) -> None:
     """Decides between a new bank, a resume and an append, refusing what does not fit."""
+    for tmp in remove_stale_temps(self.path, self.lock):
+      self.lock.log(f"removed {tmp}, left by an encode killed before its first commit")
     if not os.path.lexists(self.path) or _is_empty_dir(self.path):
       if append:
         raise BankError(f"no bank at {self.path} to append to")

@@ -1,16 +1,18 @@
 """`BankWriter`: commits encoded batches to a bank directory, one atomic manifest update per batch.
 
 A new bank is built in a temporary sibling directory and renamed into place at its first commit,
-so a failed first batch leaves nothing behind. Each commit grows the arrays, writes the batch's
-rows, waits for the writes, then replaces the manifest (the commit point). A writer holds the
-bank's lock (`BankLock`) throughout; reopening a bank for a resume or an append, under that lock,
-first cuts every array back to its committed length, dropping rows a killed run wrote past its last
-commit (readers never trim: the rows may be another writer's, in flight).
+so a failed first batch leaves nothing behind (a killed one leaves the temporary directory, which
+the next writer removes). Each commit grows the arrays, writes the batch's rows, waits for the
+writes, then replaces the manifest (the commit point). A writer holds the bank's lock (`BankLock`)
+throughout; reopening a bank for a resume or an append, under that lock, first cuts every array
+back to its committed length, dropping rows a killed run wrote past its last commit (readers never
+trim: the rows may be another writer's, in flight).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 from typing import Sequence
@@ -38,6 +40,18 @@ class EncodedBatch:
   doc_chunks: np.ndarray
   display_ids: np.ndarray
   texts: Sequence[str]
+
+
+def remove_stale_temps(path: str, lock: BankLock) -> list[str]:
+  """Removes the temporary directories of encodes of `path` killed before their first commit
+  (only the lock holder may: no other writer can be building one); returns them."""
+  lock.check()
+  path = os.path.abspath(path)
+  stale = glob.glob(os.path.join(os.path.dirname(path),
+                                 glob.escape(f".{os.path.basename(path)}.tmp-") + "*"))
+  for tmp in stale:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return stale
 
 
 class BankWriter:
