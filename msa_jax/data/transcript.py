@@ -22,7 +22,9 @@ Prompt of step h (MSA_REFERENCE_IMPL.md §5.3), in pieces:
 
 so the router query of a step is the question plus the newest injected documents, as in the official
 re-prefill. Every piece is tokenized on its own and the ids are concatenated (the text is never
-re-tokenized as a whole), so the spans of the masks are exact for any tokenizer.
+re-tokenized as a whole), so the spans of the masks are exact for any tokenizer. Documents and
+questions are user text: special-token strings in them are tokenized as plain text
+(`Tokenizer.encode_filled`), so they cannot end a round or fake retrieval markers.
 
 Documents are the record's documents wrapped as `<|im_start|>[id]. text[id]<|im_end|>` with their
 display ids (`Record.doc_ids`, by default 0-based indices). Ids are written, and documents
@@ -36,6 +38,7 @@ from typing import Sequence
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample
 from msa_jax.data.records import Record
+from msa_jax.data.tokenizer import CONTENT
 
 
 def num_steps(record: Record) -> int:
@@ -43,14 +46,21 @@ def num_steps(record: Record) -> int:
   return len(record.hops) + 1
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-  return list(tokenizer.encode(text))
+def _encode(tokenizer, text: str, content: str | None = None) -> list[int]:
+  """Ids of protocol `text`; `content`, user text at its CONTENT mark, is tokenized as plain text."""
+  return list(tokenizer.encode(text) if content is None else tokenizer.encode_filled(text, content))
 
 
 def prompt_pieces(question: str, tokenizer) -> tuple[list[int], list[int], list[int]]:
   """(template head, question, template tail) ids of a question's first-round prompt."""
-  return (_encode(tokenizer, pf.TEMPLATE_HEAD), _encode(tokenizer, pf.question_text(question)),
+  return (_encode(tokenizer, pf.TEMPLATE_HEAD),
+          _encode(tokenizer, pf.question_text(CONTENT), question),
           _encode(tokenizer, pf.TEMPLATE_TAIL))
+
+
+def restatement(question: str, tokenizer) -> list[int]:
+  """Ids of the question restated after `<End-of-Retrieve>` (what the driver injects)."""
+  return _encode(tokenizer, pf.restatement(CONTENT), question)
 
 
 def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, str]]]],
@@ -63,7 +73,7 @@ def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, 
   route: list[bool] = []
   for j, (written, entries) in enumerate(rounds):
     pieces = ((list(written), False),
-              (_encode(tokenizer, pf.injected_documents(entries)), j == len(rounds) - 1),
+              (_encode(tokenizer, CONTENT, pf.injected_documents(entries)), j == len(rounds) - 1),
               (_encode(tokenizer, pf.injection_end()), False))
     for piece, routes in pieces:
       ids.extend(piece)
@@ -82,12 +92,12 @@ def _context(record: Record, step: int, tokenizer) -> tuple[list[int], list[bool
 
 def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
   """The sample of one step: 0 <= step < len(record.hops) is a retrieval step, step ==
-  len(record.hops) the answer step. `tokenizer` needs `encode(text) -> ids`."""
+  len(record.hops) the answer step. `tokenizer` is a `Tokenizer`."""
   n_hops = len(record.hops)
   if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= n_hops:
     raise ValueError(f"step {step!r} outside [0, {n_hops}] for a record with {n_hops} retrieval "
                      f"steps")
-  documents = [_encode(tokenizer, pf.wrap_document(i, text))
+  documents = [_encode(tokenizer, pf.wrap_document(i, CONTENT), text)
                for i, text in zip(record.doc_ids, record.documents)]
   context, context_route = _context(record, step, tokenizer)
   if step < n_hops:
@@ -96,10 +106,9 @@ def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
     positives = record.hops[step]
   else:
     answer, answer_target = [], []
-    for text, target in ((pf.END_OF_RETRIEVE, True),
-                         (pf.restatement(record.question), False),
-                         (pf.final_answer(record.answer), True)):
-      piece = _encode(tokenizer, text)
+    for piece, target in ((_encode(tokenizer, pf.END_OF_RETRIEVE), True),
+                          (restatement(record.question, tokenizer), False),
+                          (_encode(tokenizer, pf.final_answer(record.answer)), True)):
       answer.extend(piece)
       answer_target.extend([target] * len(piece))
     positives = record.hops[-1]

@@ -31,6 +31,7 @@ import numpy as np
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_memory_batch
+from msa_jax.data.tokenizer import CONTENT
 from msa_jax.memory import manifest as mf
 from msa_jax.memory.bank import check_model
 from msa_jax.memory.corpus import Document
@@ -245,7 +246,8 @@ class _Encoder:
         raise BankError(f"{where}: display id {display_id} is already used by another document "
                         f"of the bank; display ids must be unique")
       self.used_ids.add(display_id)
-      tokens = np.asarray(self.tokenizer.encode(pf.wrap_document(display_id, doc.text)), np.int32)
+      tokens = np.asarray(self.tokenizer.encode_filled(pf.wrap_document(display_id, CONTENT),
+                                                       doc.text), np.int32)
       limit = min(p.row_tokens, p.max_positions)
       if tokens.size > limit:
         what = (f"a row (row_tokens={p.row_tokens})" if p.row_tokens <= p.max_positions else

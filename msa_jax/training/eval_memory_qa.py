@@ -27,7 +27,7 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.data.records import Record
 from msa_jax.data.tokenizer import Tokenizer
-from msa_jax.data.transcript import num_steps, record_step_sample
+from msa_jax.data.transcript import num_steps, record_step_sample, restatement
 from msa_jax.jsonl_log import JsonlLog
 from msa_jax.model import entry_points
 from msa_jax.model.model import MSAForCausalLM
@@ -100,7 +100,7 @@ def _answer_prefix_sample(record: Record, tokenizer: Tokenizer) -> Sample:
   """The answer step with the gold transcript, cut where the model must write the answer."""
   sample = record_step_sample(record, num_steps(record) - 1, tokenizer)
   given = len(tokenizer.encode(pf.END_OF_RETRIEVE)) + len(
-      tokenizer.encode(pf.restatement(record.question)))
+      restatement(record.question, tokenizer))
   return dataclasses.replace(sample, answer=list(sample.answer)[:given], answer_target=())
 
 
