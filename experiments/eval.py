@@ -60,12 +60,12 @@ _FILES = (_GENERATIONS, _JUDGEMENTS, _RESULTS, _SUMMARY)
 def _check_output_dir(path: str) -> None:
   """--out must be new, empty, or an earlier evaluation's (resumed; --overwrite starts over)."""
   if os.path.lexists(path) and not os.path.isdir(path):
-    raise app.UsageError(f"--out {path} is a file; give a directory")
+    raise ValueError(f"--out {path} is a file; give a directory")
   others = sorted(n for n in os.listdir(path) if n not in _FILES and not n.startswith(".")
                   ) if os.path.isdir(path) else []
   if others:
-    raise app.UsageError(f"--out {path} holds other files ({', '.join(others[:3])}), not an "
-                         f"evaluation's; choose a new directory")
+    raise ValueError(f"--out {path} holds other files ({', '.join(others[:3])}), not an "
+                     f"evaluation's; choose a new directory")
 
 
 def main(argv):

@@ -12,7 +12,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 import msa_jax
 from msa_jax.atomic_dir import atomic_write_text
@@ -38,7 +38,7 @@ def main(argv):
   del argv
   quiet_library_logs()
   if _TASK.value not in TASKS:
-    raise app.UsageError(f"unknown --task {_TASK.value!r}; known: {', '.join(TASKS)}")
+    raise ValueError(f"unknown --task {_TASK.value!r}; known: {', '.join(TASKS)}")
   settings = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "task": _TASK.value,
               "memory_tokens": _MEMORY.value, "num_records": _NUM.value, "seed": _SEED.value,
               "doc_tokens": [_MIN_DOC.value, _MAX_DOC.value], "max_docs": _MAX_DOCS.value,

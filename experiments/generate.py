@@ -36,7 +36,7 @@ def _questions() -> list[str]:
   """The questions of the flags, checked before the model loads."""
   for n, question in enumerate(_QUESTION.value):
     if not question.strip():
-      raise app.UsageError(f"--question number {n + 1} is empty")
+      raise ValueError(f"--question number {n + 1} is empty")
   questions = list(_QUESTION.value)
   path = _QUESTIONS_FILE.value
   if path:
@@ -75,7 +75,7 @@ def main(argv):
   questions = _questions() if _BANK.value else []
   loaded = msa_jax.load(_CHECKPOINT.value)
   if loaded.tokenizer is None:
-    raise app.UsageError(f"{_CHECKPOINT.value} has no tokenizer.json")
+    raise ValueError(f"{_CHECKPOINT.value} has no tokenizer.json")
   if not _BANK.value:
     _plain(loaded)
     return

@@ -121,9 +121,17 @@ def test_questions_are_checked_before_the_model_loads(bank, tmp_path):
                      f"--questions_file={questions}")
   assert line == (f"generate: {questions}:2: not UTF-8 text (invalid continuation byte: byte "
                   f"0xe9); save the file as UTF-8")
-  result = subprocess.run([sys.executable, "experiments/generate.py", f"--checkpoint={missing}",
-                           f"--bank={bank}", "--question=", "--question=why?"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
-  assert result.returncode == 1 and "--question number 1 is empty" in result.stderr
-  assert "Traceback" not in result.stderr
+  assert _error_line("experiments/generate.py", f"--checkpoint={missing}", f"--bank={bank}",
+                     "--question=why?", "--question= ") == "generate: --question number 2 is empty"
+
+
+def test_eval_into_a_file_or_another_directory(bank, tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  common = ["experiments/eval.py", f"--checkpoint={TINY}", f"--bank={bank}",
+            f"--queries={tmp_path / 'q.jsonl'}"]
+  assert _error_line(*common, f"--out={a_file}") == (
+      f"eval: --out {a_file} is a file; give a directory")
+  assert _error_line(*common, f"--out={tmp_path}") == (
+      f"eval: --out {tmp_path} holds other files (a_file), not an evaluation's; choose a "
+      f"new directory")
