@@ -17,7 +17,6 @@ again resumes: it answers only the questions left and retries the failed judgeme
 import dataclasses
 import json
 import os
-import sys
 
 from absl import app, flags
 
@@ -25,7 +24,7 @@ import msa_jax
 from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
 from msa_jax.inference import flags as serving_flags
-from msa_jax.inference.judge import Judge
+from msa_jax.inference.judge import Judge, JudgeError
 from msa_jax.inference.metrics import format_table
 from msa_jax.inference.qa_eval import evaluate
 from msa_jax.inference.queries import check_against_memory, read_queries
@@ -105,8 +104,8 @@ def main(argv):
   print(f"wrote {_OUT.value}/results.json and summary.txt")
   failed = result["summary"]["all"].get("judge_failed", 0)
   if failed:
-    sys.exit(f"eval: {failed} of {len(queries)} judgements failed (recorded in results.json); run "
-             f"the same command again to retry them")
+    raise JudgeError(f"{failed} of {len(queries)} judgements failed (recorded in results.json); "
+                     f"run the same command again to retry them")
 
 
 if __name__ == "__main__":

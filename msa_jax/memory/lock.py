@@ -9,6 +9,7 @@ the file but a free lock knows the previous holder died and says whose lock it t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -92,7 +93,8 @@ class BankLock:
 
   def __exit__(self, *exc) -> None:
     fd, self._fd = self._fd, None
-    os.remove(self.path)  # before unlocking: a clean release leaves nobody to take over from
+    with contextlib.suppress(FileNotFoundError):  # before unlocking: nobody to take over from
+      os.remove(self.path)
     os.close(fd)
 
   def check(self) -> None:
