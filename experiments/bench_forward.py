@@ -13,7 +13,7 @@ from absl import app, flags
 
 from msa_jax import benchmarking
 from msa_jax import config as cfglib
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "msa-4b"], "Model shape (random weights).")
 _SEQ_LEN_MEM = flags.DEFINE_integer("seq_len_mem", 16384, "Memory tokens per row.")
@@ -59,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

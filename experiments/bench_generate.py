@@ -11,7 +11,7 @@ encoded); weights are random. Method and floors: msa_jax/inference/benchmark.py.
 from absl import app, flags
 
 from msa_jax import benchmarking
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 from msa_jax.inference import benchmark
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny model and memories (runs on a CPU); the flags "
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -11,7 +11,7 @@ and prints a table.
 from absl import app, flags
 
 from msa_jax import benchmarking
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 from msa_jax.memory import benchmark
 
 _OUT = flags.DEFINE_string("out", "/tmp/msa_jax_bench/memory", "Output directory.")
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

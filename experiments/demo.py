@@ -12,7 +12,7 @@ import os
 from absl import app, flags
 
 import msa_jax
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.memory_demo import DemoSettings, format_table, run_demo, write_report
 
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -7,13 +7,12 @@
 """
 
 import json
-import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 import msa_jax
-from msa_jax.cli import quiet_library_logs
+from msa_jax.atomic_dir import atomic_write_text
+from msa_jax.cli import quiet_library_logs, run
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.memory.corpus import FORMATS, open_corpus
 from msa_jax.memory.encode import encode_corpus
@@ -44,26 +43,21 @@ _STATS = flags.DEFINE_string("stats_json", None, "Also write the encode statisti
 def main(argv):
   del argv
   quiet_library_logs()
-  try:
-    corpus = open_corpus(_CORPUS.value, _FORMAT.value, allow_pickle=_ALLOW_PICKLE.value)
-    loaded = msa_jax.load(_CHECKPOINT.value, compute_dtype=_COMPUTE_DTYPE.value)
-    tokenizer = Tokenizer.from_file(_TOKENIZER.value) if _TOKENIZER.value else loaded.tokenizer
-    if tokenizer is None:
-      raise BankError(f"{_CHECKPOINT.value} has no tokenizer.json; pass --tokenizer")
-    stats = encode_corpus(loaded.model, loaded.params, tokenizer, corpus, _OUT.value,
-                          batch_rows=_BATCH_ROWS.value, row_tokens=_ROW_TOKENS.value,
-                          max_docs_per_row=_MAX_DOCS.value, append=_APPEND.value,
-                          rows_per_chunk=_ROWS_PER_CHUNK.value)
-  except BankError as e:
-    sys.exit(f"encode_memory: {e}")
+  corpus = open_corpus(_CORPUS.value, _FORMAT.value, allow_pickle=_ALLOW_PICKLE.value)
+  loaded = msa_jax.load(_CHECKPOINT.value, compute_dtype=_COMPUTE_DTYPE.value)
+  tokenizer = Tokenizer.from_file(_TOKENIZER.value) if _TOKENIZER.value else loaded.tokenizer
+  if tokenizer is None:
+    raise BankError(f"{_CHECKPOINT.value} has no tokenizer.json; pass --tokenizer")
+  stats = encode_corpus(loaded.model, loaded.params, tokenizer, corpus, _OUT.value,
+                        batch_rows=_BATCH_ROWS.value, row_tokens=_ROW_TOKENS.value,
+                        max_docs_per_row=_MAX_DOCS.value, append=_APPEND.value,
+                        rows_per_chunk=_ROWS_PER_CHUNK.value)
   print(f"encoded {stats.documents} documents ({stats.tokens} tokens, {stats.chunks} chunks) in "
         f"{stats.seconds:.1f} s, {stats.tokens_per_second:,.0f} tokens/s; the bank at "
         f"{stats.path} holds {stats.bank_documents} documents")
   if _STATS.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_STATS.value)), exist_ok=True)
-    with open(_STATS.value, "w") as f:
-      json.dump(stats.to_json(), f, indent=1)
+    atomic_write_text(_STATS.value, json.dumps(stats.to_json(), indent=1))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -3,17 +3,22 @@ generative-retrieval accuracy and answer exact match given the retrieved text.
 
   python experiments/eval_synthetic.py --checkpoint=models/tiny_msa --task=fact_lookup \
       --memory_tokens=65536 --num_records=100 --seed=1000 --out=/tmp/eval.json
+
+With --out, each question's results are also written to <out>.progress.jsonl as they finish, so
+the same command run again after a kill evaluates only the questions left.
 """
 
 import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 import msa_jax
-from msa_jax.cli import quiet_library_logs
-from msa_jax.data.synthetic import generate
+from msa_jax.atomic_dir import atomic_write_text
+from msa_jax.cli import quiet_library_logs, run
+from msa_jax.data.synthetic import TASKS, generate
+from msa_jax.jsonl_log import JsonlLog
 from msa_jax.training.eval_memory_qa import EvalShapes, evaluate, format_summary
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trained msa_jax checkpoint.", required=True)
@@ -32,6 +37,15 @@ _OUT = flags.DEFINE_string("out", None, "Write the JSON results here.")
 def main(argv):
   del argv
   quiet_library_logs()
+  if _TASK.value not in TASKS:
+    raise ValueError(f"unknown --task {_TASK.value!r}; known: {', '.join(TASKS)}")
+  settings = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "task": _TASK.value,
+              "memory_tokens": _MEMORY.value, "num_records": _NUM.value, "seed": _SEED.value,
+              "doc_tokens": [_MIN_DOC.value, _MAX_DOC.value], "max_docs": _MAX_DOCS.value,
+              "seq_len_prompt": _PROMPT.value}
+  record_log = JsonlLog(f"{_OUT.value}.progress.jsonl", settings) if _OUT.value else None
+  if record_log:
+    record_log.read()  # a log of other settings is refused now, not after loading
   loaded = msa_jax.load(_CHECKPOINT.value)
   tokenizer = loaded.tokenizer
   length = lambda text: len(tokenizer.encode(text))
@@ -47,17 +61,13 @@ def main(argv):
     print(f"{done}/{total} questions, {rate:.2f}/s, ETA {(total - done) / rate:.0f}s", flush=True)
 
   result = evaluate(loaded.model, loaded.params, tokenizer, records, shapes,
-                    batch_size=_BATCH.value, progress=progress)
-  result["settings"] = {"checkpoint": _CHECKPOINT.value, "task": _TASK.value,
-                        "memory_tokens": _MEMORY.value, "num_records": _NUM.value,
-                        "seed": _SEED.value, "doc_tokens": [_MIN_DOC.value, _MAX_DOC.value]}
+                    batch_size=_BATCH.value, progress=progress, record_log=record_log)
+  result["settings"] = settings
   print(format_summary(result["summary"]))
   if _OUT.value:
-    tmp = _OUT.value + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(tmp, _OUT.value)
+    atomic_write_text(_OUT.value, json.dumps(result, indent=1))
+    os.remove(record_log.path)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -9,18 +9,18 @@ round and the answer; or, without a bank, continues a plain prompt with the back
 """
 
 import json
-import os
-import sys
 
 from absl import app, flags
 
 import msa_jax
-from msa_jax.cli import quiet_library_logs
+from msa_jax.atomic_dir import atomic_write_text
+from msa_jax.cli import quiet_library_logs, run
 from msa_jax.data.records import RecordError
 from msa_jax.inference import flags as serving_flags
 from msa_jax.inference.greedy import greedy_generate
 from msa_jax.inference.queries import read_queries
 from msa_jax.inference.serving import open_server
+from msa_jax.text_files import utf8_lines
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
 _BANK = flags.DEFINE_string("bank", None, "Memory bank (experiments/encode_memory.py) to ask.")
@@ -33,16 +33,21 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 16, "Plain prompt: toke
 
 
 def _questions() -> list[str]:
+  """The questions of the flags, checked before the model loads."""
+  for n, question in enumerate(_QUESTION.value):
+    if not question.strip():
+      raise ValueError(f"--question number {n + 1} is empty")
   questions = list(_QUESTION.value)
   path = _QUESTIONS_FILE.value
   if path:
     if path.lower().endswith(".jsonl"):
       questions += [q.question for q in read_queries(path)]
     else:
-      with open(path, encoding="utf-8") as f:
-        questions += [line.strip() for line in f if line.strip()]
+      questions += [line.strip() for _, line in utf8_lines(path, RecordError) if line.strip()]
       if not questions:
         raise RecordError(f"{path}: no questions (the file is empty)")
+  if not questions:
+    raise app.UsageError("no questions: pass --question or --questions_file")
   return questions
 
 
@@ -53,14 +58,6 @@ def _plain(loaded) -> None:
   print(f"prompt ids: {prompt_ids}")
   print(f"generated ids: {new_ids}")
   print(f"generated text: {loaded.tokenizer.decode(new_ids)!r}")
-
-
-def _write_json(obj, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def main(argv):
@@ -74,24 +71,16 @@ def main(argv):
       raise app.UsageError("pass --bank with --question/--questions_file, or --prompt")
   elif _PROMPT.value is not None:
     raise app.UsageError("--prompt is for generation without a bank; ask --question instead")
-  try:
-    config = serving_flags.interleave_config()
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  config = serving_flags.interleave_config()
+  questions = _questions() if _BANK.value else []
   loaded = msa_jax.load(_CHECKPOINT.value)
   if loaded.tokenizer is None:
-    raise app.UsageError(f"{_CHECKPOINT.value} has no tokenizer.json")
+    raise ValueError(f"{_CHECKPOINT.value} has no tokenizer.json")
   if not _BANK.value:
     _plain(loaded)
     return
-  try:
-    questions = _questions()
-    if not questions:
-      raise app.UsageError("no questions: pass --question or --questions_file")
-    server = open_server(loaded, _BANK.value, **serving_flags.server_kwargs())
-    results = server.driver(config).run(questions)
-  except ValueError as e:  # BankError, RecordError, EngineError: bad input, said clearly
-    sys.exit(f"generate: {e}")
+  server = open_server(loaded, _BANK.value, **serving_flags.server_kwargs())
+  results = server.driver(config).run(questions)
   for n, result in enumerate(results):
     print(f"Q{n}: {result.question}")
     for r in result.rounds:
@@ -100,9 +89,9 @@ def main(argv):
         print(f"  round {r.round}: ids {r.ids}{unknown}  text {r.text!r}")
     print(f"  answer: {result.answer!r}  ({result.status})")
   if _OUT.value:
-    _write_json([r.to_json() for r in results], _OUT.value)
+    atomic_write_text(_OUT.value, json.dumps([r.to_json() for r in results], indent=1))
     print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -6,15 +6,18 @@
   python experiments/train.py --config=experiments/configs/msa4b_sft.json --workdir=gs://... \
       --set=model.init_from=/ckpt/qwen3-4b-msa --set=data.path=/data/train.jsonl
 
-A killed run restarted with the same --workdir resumes from its newest checkpoint. The final model is
-written to <workdir>/final (an msa_jax checkpoint), the curves to <workdir>/curves.png.
+A killed run restarted with the same --workdir resumes from its newest checkpoint, under the config
+recorded there: a change to what trained its steps is refused unless declared safe (more steps, a
+later phase) or --allow_config_change; <workdir>/history.jsonl records every start, resume and
+override. The final model is written to <workdir>/final (an msa_jax checkpoint), the curves to
+<workdir>/curves.png.
 """
 
-from absl import app, flags
+from absl import flags
 
 import jax
 
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 from msa_jax.training import data_setup
 from msa_jax.training.model_setup import model_configs
 from msa_jax.training.train_config import load_train_config
@@ -27,6 +30,9 @@ _SET = flags.DEFINE_multi_string("set", [], "Config override key.path=value (JSO
 _PAUSE_AFTER = flags.DEFINE_integer(
     "pause_after_step", None, "End cleanly after this step (checkpoint + <workdir>/snapshot); rerun "
     "on the same workdir to continue. For jobs with a time limit.")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume even though the config changes what trained the "
+    "workdir's checkpoints (recorded in <workdir>/history.jsonl).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host clusters).")
 
@@ -43,10 +49,11 @@ def main(argv):
   _, msa = model_configs(cfg.model, tokenizer.vocab_size)
   batches = data_setup.data_for_phase(cfg.data, cfg.phases, msa, tokenizer)
   result = train(cfg, _WORKDIR.value, batches, vocab_size=tokenizer.vocab_size,
-                 tokenizer_file=tokenizer_file, pause_after=_PAUSE_AFTER.value)
+                 tokenizer_file=tokenizer_file, pause_after=_PAUSE_AFTER.value,
+                 allow_config_change=_ALLOW_CHANGE.value)
   if result.final_dir:
     print(f"final model: {result.final_dir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -1,4 +1,5 @@
-"""Write a directory completely or not at all: build it under a temporary sibling, rename at the end."""
+"""Write a file or a directory completely or not at all: build it under a temporary sibling, rename
+at the end."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ def temp_sibling_dir(path: str) -> str:
   tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
   return tmp
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Replaces the file `path` with `text`: a reader sees the old file or the new one, never half."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    _remove(tmp)
+    raise
 
 
 @contextlib.contextmanager

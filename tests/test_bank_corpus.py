@@ -31,14 +31,22 @@ def test_jsonl_corpus_errors_name_the_line(tmp_path, line, message):
     list(open_corpus(str(path), "jsonl"))
 
 
+def test_jsonl_corpus_that_is_not_utf8_names_the_line(tmp_path):
+  path = tmp_path / "docs.jsonl"
+  path.write_bytes('{"text": "fine"}\n{"text": "café"}\n'.encode("latin-1"))
+  with pytest.raises(BankError, match=r"docs.jsonl:2: not UTF-8 text \(invalid continuation "
+                                      r"byte: byte 0xe9\)"):
+    list(open_corpus(str(path), "jsonl"))
+
+
 def test_text_files_corpus_is_sorted_one_document_per_file(tmp_path):
   (tmp_path / "b.txt").write_text("second")
   (tmp_path / "a.txt").write_text("first\nline two")
   (tmp_path / "sub").mkdir()
   assert [d.text for d in open_corpus(str(tmp_path), "text")] == ["first\nline two", "second"]
   assert [d.text for d in open_corpus(str(tmp_path / "b*"), "text")] == ["second"]
-  (tmp_path / "c.txt").write_bytes(b"\xff\xfe bad")
-  with pytest.raises(BankError, match="c.txt is not UTF-8"):
+  (tmp_path / "c.txt").write_bytes(b"fine\n\xff\xfe bad")
+  with pytest.raises(BankError, match="c.txt:2: not UTF-8 text"):
     list(open_corpus(str(tmp_path), "text"))
   with pytest.raises(BankError, match="no files"):
     open_corpus(str(tmp_path / "none*"), "text")

@@ -16,6 +16,7 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_memory_batch
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.memory import BankError, open_bank
+from msa_jax.memory import manifest as mf
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.encode import encode_corpus
 from msa_jax.model import entry_points
@@ -75,7 +76,7 @@ def _files(path):
   return out
 
 
-def _manifest(path, drop=("created", "updated")):
+def _manifest(path, drop=("created", "updated", "manifest_sha256")):
   with open(os.path.join(path, "manifest.json")) as f:
     m = json.load(f)
   return {k: v for k, v in m.items() if k not in drop}
@@ -198,7 +199,8 @@ def test_append_equals_encoding_everything_at_once(setup, reference_bank, tmp_pa
 
   with pytest.raises(KeyboardInterrupt):
     _encode(setup, texts[5:], out, append=True, on_commit=kill_after_one)
-  with pytest.raises(BankError, match="interrupted an append|append=True"):
+  with pytest.raises(BankError, match=r"holds an interrupted append; resume it by running the "
+                                      r"same append again, with --append \(append=True\)"):
     _encode(setup, texts[5:], out)
   stats = _encode(setup, texts[5:], out, append=True)
   assert stats.resumed_documents > 0 and stats.bank_documents == len(texts)
@@ -254,6 +256,34 @@ def test_bad_corpora_fail_clearly_and_lose_nothing(setup, reference_bank, tmp_pa
   assert open_bank(str(out)).num_docs == len(texts)
   with pytest.raises(BankError, match="no bank at"):
     _encode(setup, texts, tmp_path / "missing", append=True)
+
+
+def test_a_kill_during_the_first_commit_leaves_nothing_the_next_run_keeps(setup, tmp_path):
+  stale = tmp_path / ".bank.tmp-0123abcd"  # what a SIGKILL inside the first commit leaves
+  (stale / "router_keys").mkdir(parents=True)
+  logs = []
+  _encode(setup, ["moon"], tmp_path / "bank", log=logs.append)
+  assert sorted(os.listdir(tmp_path)) == ["bank"]
+  assert f"removed {stale}, left by an encode killed before its first commit" in logs
+
+
+def test_out_that_is_not_a_bank(setup, tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(BankError, match="is a file, not a bank directory"):
+    _encode(setup, ["moon"], a_file)
+  with pytest.raises(BankError, match="it is a file, not a bank directory"):
+    open_bank(str(a_file))
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("x")
+  with pytest.raises(BankError, match="is a directory but not a bank .* choose a new or empty"):
+    _encode(setup, ["moon"], other)
+  assert os.listdir(other) == ["notes.txt"]
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  _encode(setup, ["moon"], empty)
+  assert open_bank(str(empty)).num_docs == 1
 
 
 def test_foreign_bank_is_refused(setup, reference_bank):
@@ -338,9 +368,16 @@ def test_corrupt_truncated_and_missing_files_are_detected(reference_bank, tmp_pa
     open_bank(str(bank))
   shutil.rmtree(bank)
 
-  bank = _copy(ref, tmp_path)  # a manifest that commits more than the arrays hold
+  bank = _copy(ref, tmp_path)  # an edited manifest fails its own checksum
   m = _manifest(bank, drop=())
-  m["num_chunks"] += 5
+  m["router_layers"] = [0, 2]  # as many layers: nothing else would notice
+  with open(bank / "manifest.json", "w") as f:
+    json.dump(m, f)
+  with pytest.raises(BankError, match="manifest.json: the manifest does not match its checksum"):
+    open_bank(str(bank), verify="full")
+  m["router_layers"] = [1, 3]
+  m["num_chunks"] += 5  # one that commits more than the arrays hold (checksummed again)
+  m["manifest_sha256"] = mf.content_digest({k: v for k, v in m.items() if k != "manifest_sha256"})
   with open(bank / "manifest.json", "w") as f:
     json.dump(m, f)
   with pytest.raises(BankError, match="truncated"):

@@ -97,6 +97,18 @@ def test_jsonl_bad_line_names_path_and_line(tmp_path, line, message):
   assert f"{path}:3:" in str(e.value)
 
 
+def test_files_that_are_not_utf8_name_the_line(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes((GOOD + "\n\n" + GOOD.replace('"', '"é', 1) + "\n").encode("latin-1"))
+  with pytest.raises(RecordError, match=r"bad.jsonl:3: not UTF-8 text"):
+    read_jsonl(str(path))
+  mem, qry = _official(tmp_path, MEMORY, [{"question": "q", "labels": [0], "answer": "a"}])
+  with open(qry, "wb") as f:
+    f.write('[\n{"question": "qué", "labels": [0], "answer": "a"}]'.encode("latin-1"))
+  with pytest.raises(RecordError, match=r"q\w*.json:2: not UTF-8 text"):
+    read_official(mem, qry)
+
+
 def test_jsonl_empty_file(tmp_path):
   path = tmp_path / "empty.jsonl"
   path.write_text("\n\n")

@@ -1,9 +1,7 @@
 """Evaluation metrics against hand-computed values, and the LLM judge against a local fake
 OpenAI-compatible server."""
 
-import http.server
 import json
-import threading
 
 import pytest
 
@@ -12,7 +10,9 @@ from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
 from msa_jax.inference import judge as judgelib
 from msa_jax.inference import metrics, qa_eval, queries
 from msa_jax.inference.interleave import InMemoryDocuments, InterleaveDriver
+from msa_jax.jsonl_log import JsonlLog
 from tests.interleave_fixtures import ScriptedModel
+from tests.judge_fixtures import FakeJudgeServer
 
 
 def test_normalisation_exact_match_and_token_f1():
@@ -62,44 +62,9 @@ def test_parse_score():
   assert judgelib.parse_score("no idea") is None
 
 
-class _FakeServer:
-  """A local chat-completions endpoint: replies with `replies` in turn (an int is an HTTP error
-  status) and records each request's path, headers and JSON body."""
-
-  def __init__(self, replies):
-    self.replies, self.seen = list(replies), []
-    outer = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        outer.seen.append((self.path, dict(self.headers), body))
-        reply = outer.replies.pop(0)
-        if isinstance(reply, int):
-          self.send_response(reply)
-          self.end_headers()
-          return
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(data.encode())
-
-      def log_message(self, *args):
-        pass
-
-    self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-    threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-  def close(self):
-    self.server.shutdown()
-    self.server.server_close()
-
-
 def test_judge_over_http(monkeypatch):
   monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
-  server = _FakeServer([503, " 4\n", "nothing"])
+  server = FakeJudgeServer([503, " 4\n", "nothing"])
   try:
     judge = judgelib.Judge(server.url, "judge-model", api_key_env="TEST_JUDGE_KEY",
                            backoff_s=0.0)
@@ -120,7 +85,7 @@ def test_judge_over_http(monkeypatch):
 
 def test_judge_errors_are_clear_and_never_show_the_key(monkeypatch):
   monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
-  server = _FakeServer([401])
+  server = FakeJudgeServer([401])
   try:
     judge = judgelib.Judge(server.url + "/chat/completions", "m", api_key_env="TEST_JUDGE_KEY")
     with pytest.raises(judgelib.JudgeError, match="HTTP 401") as info:
@@ -146,12 +111,43 @@ def test_judge_errors_are_clear_and_never_show_the_key(monkeypatch):
 
     return Response()
 
-  judge = judgelib.Judge("http://judge.invalid/v1", "m", api_key_env="TEST_JUDGE_KEY",
+  judge = judgelib.Judge("https://judge.invalid/v1", "m", api_key_env="TEST_JUDGE_KEY",
                          opener=not_json)
   with pytest.raises(judgelib.JudgeError, match="did not return a chat completion"):
     judge("q", "a", "b")
   with pytest.raises(ValueError, match="url and a model"):
     judgelib.Judge("", "m")
+
+
+def test_judge_refuses_redirects_so_its_key_stays_with_the_endpoint(monkeypatch):
+  monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
+  elsewhere = FakeJudgeServer(["5"])  # another port: another origin
+  judge_server = FakeJudgeServer([("redirect", elsewhere.url + "/chat/completions")])
+  try:
+    judge = judgelib.Judge(judge_server.url, "m", api_key_env="TEST_JUDGE_KEY", backoff_s=0.0)
+    with pytest.raises(judgelib.JudgeError, match=r"answered HTTP 302, a redirect to "
+                                                  r"'http://127.0.0.1:\d+/v1/chat/completions'; "
+                                                  r"redirects are not followed"):
+      judge("q", "a", "b")
+    assert judge_server.seen[0][1]["Authorization"] == "Bearer sk-secret-123"
+    assert elsewhere.seen == []  # neither the key nor the request went there
+  finally:
+    judge_server.close()
+    elsewhere.close()
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://openrouter.ai/api/v1", True), ("http://127.0.0.1:8000/v1", True),
+    ("http://localhost:8000/v1", True), ("http://[::1]:8000/v1", True),
+    ("http://127.3.2.1/v1", True), ("http://openrouter.ai/api/v1", False),
+    ("http://10.0.0.5:8000/v1", False), ("ftp://127.0.0.1/v1", False), ("openrouter.ai/v1", False),
+    ("https:///v1", False)])
+def test_judge_needs_https_except_on_loopback(url, ok):
+  if ok:
+    judgelib.Judge(url, "m")
+  else:
+    with pytest.raises(ValueError, match="needs an https url"):
+      judgelib.Judge(url, "m")
 
 
 # --------------------------------------------------------------------------- query files
@@ -237,3 +233,65 @@ def test_evaluate_scores_each_answer_and_asks_the_judge():
   assert len(logs) == 2 and logs[-1].startswith("2/2 questions")
   with pytest.raises(ValueError, match="no queries"):
     qa_eval.evaluate(driver, [])
+
+
+def _scripted_driver(calls):
+  """A driver answering "[0]" then "A<n>" to question "Q<n>", counting the questions it is asked."""
+  tok = Tokenizer(build_byte_tokenizer(extra_special_tokens=("<End-of-Retrieve>",)))
+  scripts = {f"Q{n}": ["<End-of-Retrieve>", f"The answer to the question is: A{n}<|im_end|>"]
+             for n in range(5)}
+  driver = InterleaveDriver(ScriptedModel(tok, scripts), tok, InMemoryDocuments(DOCS))
+  run = driver.run
+
+  def counted(questions):
+    calls.append(list(questions))
+    if "Q3" in questions and len(calls) == 2:
+      raise KeyboardInterrupt("killed")
+    return run(questions)
+
+  driver.run = counted
+  return driver
+
+
+def test_evaluation_survives_a_kill_and_a_failing_judge(tmp_path):
+  qs = [queries.Query(f"Q{n}", f"A{n}", (0,)) for n in range(5)]
+  generations = JsonlLog(str(tmp_path / "generations.jsonl"), {"run": 1})
+  judgements = JsonlLog(str(tmp_path / "judgements.jsonl"), {"judge": "j"})
+  calls = []
+  asked = []
+
+  def down(question, reference, prediction):
+    asked.append(question)
+    raise judgelib.JudgeError("judge endpoint https://j/chat/completions unreachable: refused")
+
+  with pytest.raises(KeyboardInterrupt):  # killed in its second batch
+    qa_eval.evaluate(_scripted_driver(calls), qs, batch_size=2, judge=down,
+                     generations=generations, judgements=judgements)
+  assert [r["index"] for r in generations.read()] == [0, 1]  # the first batch was kept
+  logs, calls = [], []
+  out = qa_eval.evaluate(_scripted_driver(calls), qs, batch_size=2, judge=down,
+                         generations=generations, judgements=judgements, log=logs.append)
+  assert calls == [["Q2", "Q3"], ["Q4"]] and logs[0].startswith("resuming: 2 of 5 questions")
+  assert [r["prediction"] for r in out["records"]] == ["A0", "A1", "A2", "A3", "A4"]
+  assert asked == ["Q0", "Q1", "Q2"]  # then the judge is taken as down
+  errors = [r["judge_error"] for r in out["records"]]
+  assert errors[0].endswith("unreachable: refused")
+  assert errors[3] == "not asked: the judge failed 3 times in a row"
+  assert out["summary"]["all"]["judge_failed"] == 5 and out["summary"]["all"]["exact_match"] == 1
+  asked.clear()
+
+  def up(question, reference, prediction):
+    asked.append(question)
+    return judgelib.Verdict(5, "5")
+
+  calls = []
+  out = qa_eval.evaluate(_scripted_driver(calls), qs, batch_size=2, judge=up,
+                         generations=generations, judgements=judgements)
+  assert calls == [] and asked == ["Q0", "Q1", "Q2", "Q3", "Q4"]  # only the judge ran again
+  assert [r["judge_score"] for r in out["records"]] == [5] * 5
+  assert out["summary"]["all"]["judge_failed"] == 0 and out["summary"]["all"]["judge_score"] == 5
+  out = qa_eval.evaluate(_scripted_driver(calls), qs, judge=up, generations=generations,
+                         judgements=judgements)
+  assert calls == [] and len(asked) == 5  # nothing left to do
+  with pytest.raises(ValueError, match="record 0 is not one of these queries"):
+    qa_eval.evaluate(_scripted_driver(calls), qs[1:], generations=generations)

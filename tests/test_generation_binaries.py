@@ -5,6 +5,7 @@ file, a bank encoded by another model, a question longer than the model takes.""
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from msa_jax.inference.serving import open_server
 from msa_jax.memory import BankError
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.encode import encode_corpus
+from tests.judge_fixtures import FakeJudgeServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "models", "tiny_msa")
@@ -115,6 +117,34 @@ def test_eval_and_generate_binaries(bank, query_file, memory, tmp_path):
   assert generated["retrieved_ids"] == rows[1]["retrieved_ids"]
   assert f"answer: {generated['answer']!r}" in result.stdout
   assert f"round 0: ids {generated['rounds'][0]['ids']}" in result.stdout
+
+
+def test_eval_keeps_its_answers_when_the_judge_is_down(bank, query_file, memory, tmp_path):
+  with socket.socket() as s:  # a port nothing listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "eval"
+  args = [f"--checkpoint={TINY}", f"--bank={bank}", f"--queries={query_file}", f"--out={out}",
+          "--max_rounds=1", "--memory_devices=1", "--judge_model=m"]
+  result = _run("eval.py", *args, f"--judge_url=http://127.0.0.1:{port}/v1")
+  n = len(memory.questions)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"eval: {n} of {n} judgements failed (recorded in results.json); run the same command "
+      f"again to retry them")
+  rows = json.loads((out / "results.json").read_text())["records"]
+  assert [r["question"] for r in rows] == [q.question for q in memory.questions]
+  assert all("unreachable" in r["judge_error"] and r["judge_score"] is None for r in rows)
+  server = FakeJudgeServer(["4"] * n)
+  try:
+    result = _run("eval.py", *args, f"--judge_url={server.url}")
+  finally:
+    server.close()
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resuming: {n} of {n} questions were answered by an earlier run" in result.stdout
+  again = json.loads((out / "results.json").read_text())["records"]
+  assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
+  assert [(r["judge_score"], r["judge_error"]) for r in again] == [(4, None)] * n
 
 
 def test_demo_binary_on_a_tiny_memory(tmp_path):

@@ -4,8 +4,11 @@ generative-retrieval evaluation end to end on a small memory."""
 import json
 import os
 
+import pytest
+
 import msa_jax
 from msa_jax.data.synthetic import generate
+from msa_jax.jsonl_log import JsonlLog
 from msa_jax.training.eval_memory_qa import EvalShapes, evaluate, parse_answer, parse_ids
 from msa_jax.training.model_setup import model_configs
 from msa_jax.training.train_config import config_from_dict, config_to_dict
@@ -39,6 +42,28 @@ def test_shipped_model_matches_its_config_and_evaluates():
     if n_docs <= 16:
       assert rec["recall@16/layer5"] == 1.0
     assert rec["pred_ids"] == list(parse_ids(rec["written"]))
+
+
+def test_evaluation_killed_midway_resumes_from_its_log(tmp_path):
+  loaded = msa_jax.load(MODEL)
+  tok = loaded.tokenizer
+  records = [generate("fact_lookup", 1000, i, memory_tokens=512, max_doc_tokens=96,
+                      length_fn=lambda t: len(tok.encode(t))) for i in range(2)]
+  shapes = EvalShapes(seq_len_mem=512, max_docs=32, seq_len_prompt=256, max_new_tokens=4)
+  run = lambda **kw: evaluate(loaded.model, loaded.params, tok, records, shapes, **kw)
+  want = run()
+  log = JsonlLog(str(tmp_path / "progress.jsonl"), {"seed": 1000})
+
+  def killed(done, total):
+    raise KeyboardInterrupt("killed after the first record")
+
+  with pytest.raises(KeyboardInterrupt):
+    run(record_log=log, progress=killed)
+  assert [r["index"] for r in log.read()] == [0]
+  seen = []
+  got = run(record_log=log, progress=lambda done, total: seen.append(done))
+  assert seen == [2]  # only the second record was evaluated
+  assert got == want
 
 
 def test_parsers():

@@ -52,7 +52,7 @@ def test_smoke_config_parses():
 
 
 def test_config_round_trips_through_dict():
-  cfg = config_from_dict(_config(mesh=[2, -1, 1], data={"batch_size": 4, "tasks": {"a": 1.0}}))
+  cfg = config_from_dict(_config(mesh=[2, -1, 1], data={"batch_size": 4, "tasks": {"niah_single": 1.0}}))
   again = config_from_dict(config_to_dict(cfg))
   assert config_to_dict(again) == config_to_dict(cfg)
   assert again.total_steps == 10 and again.data.batch_size == 4
@@ -145,6 +145,8 @@ def test_phase_loss_weights_reach_the_objective():
     (_config(data={"source": "parquet"}), "data.source.*'parquet'"),
     (_config(data={"batch_size": 0}), "data.batch_size must be positive, got 0"),
     (_config(mesh=[8, 1]), r"mesh must give \(data, fsdp, tensor\)"),
+    (_config(data={"tasks": {"fact_lookup": 1.0, "multihop": 1.0}}),
+     r"data.tasks: unknown synthetic task\(s\) \['multihop'\]; known: fact_lookup, multi_hop"),
 ])
 def test_run_level_validation(d, message):
   with pytest.raises(TrainConfigError, match=message):
@@ -235,6 +237,9 @@ def test_load_train_config_invalid_json(tmp_path):
   path = tmp_path / "broken.json"
   path.write_text('{"phases": [ {"name": "p", }')
   with pytest.raises(TrainConfigError, match="broken.json is not valid JSON"):
+    load_train_config(str(path))
+  path.write_bytes(b'{\n  "seed": "caf\xe9"}')  # Latin-1, not UTF-8
+  with pytest.raises(TrainConfigError, match=r"broken.json:2: not UTF-8 text"):
     load_train_config(str(path))
 
 

@@ -16,9 +16,10 @@ from msa_jax.model.param_layout import unstack_layers
 from msa_jax.sharding import make_mesh
 from msa_jax.training import data_setup
 from msa_jax.training import optimizer as optlib
+from msa_jax.training import run_record
 from msa_jax.training.metrics_log import read_jsonl
 from msa_jax.training.model_setup import build_model, model_configs
-from msa_jax.training.train_config import load_train_config
+from msa_jax.training.train_config import TrainConfigError, load_train_config
 from msa_jax.training.train_step import batch_sharding, init_state, make_train_step, shardings_of
 from msa_jax.training.trainer import (CURVES_FILE, FINAL_DIR, METRICS_FILE, SNAPSHOT_DIR,
                                       SimulatedKill, phase_loss_weights, train)
@@ -208,6 +209,28 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
   assert read_jsonl(again.metrics_file) == got_rows
   _assert_trees_identical(msa_jax.load(again.final_dir).params,
                           msa_jax.load(want.final_dir).params)
+
+
+def test_a_rerun_under_another_config_is_refused_unless_declared_safe(tmp_path):
+  cfg, tokenizer, batches = _setup(RESUME)
+  work = tmp_path / "run"
+  _run(cfg, tokenizer, batches, work, pause_after=1)
+  reseeded, _, _ = _setup(RESUME + ["seed=1"])
+  with pytest.raises(TrainConfigError, match=r"trained to step 1 under another config.*"
+                                             r"seed: 0 -> 1\."):
+    _run(reseeded, tokenizer, batches, work)
+  assert _checkpoint_steps(work) == [1]
+  with open(work / run_record.CONFIG_FILE) as f:
+    assert json.load(f)["seed"] == 0
+  longer, _, _ = _setup(RESUME + ["phases.0.steps=5"])
+  _, lines = _run(longer, tokenizer, batches, work, pause_after=2)
+  assert "config changes on resume (declared safe): phases.0.steps: 4 -> 5" in lines
+  _, lines = _run(reseeded, tokenizer, batches, work, pause_after=3, allow_config_change=True)
+  assert "config changes on resume (overridden): phases.0.steps: 5 -> 4; seed: 0 -> 1" in lines
+  history = read_jsonl(work / run_record.HISTORY_FILE)
+  assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("resume", 1),
+                                                        ("override", 2)]
+  assert _checkpoint_steps(work) == [2, 3]
 
 
 # --------------------------------------------------------------------------- the step itself

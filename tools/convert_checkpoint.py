@@ -6,10 +6,10 @@
   python tools/convert_checkpoint.py --direction=msa_jax_to_hf --input=/ckpt/msa-4b --output=/ckpt/msa-4b-hf
 """
 
-from absl import app, flags
+from absl import flags
 
 from msa_jax.checkpoint import convert
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 
 _DIRECTION = flags.DEFINE_enum("direction", "hf_to_msa_jax", ["hf_to_msa_jax", "msa_jax_to_hf"],
                                "Which way to convert.")
@@ -28,6 +28,8 @@ _REQUIRE_TOKENIZER = flags.DEFINE_bool("require_tokenizer", True,
 _HF_FORMAT = flags.DEFINE_enum("hf_format", "auto", ["auto", "qwen3", "msa"],
                                "Output format of msa_jax_to_hf.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 2.0, "Largest safetensors shard written, in GiB.")
+_ALLOW_NONFINITE = flags.DEFINE_bool("allow_nonfinite", False, "Convert weights holding NaN or inf "
+                                     "(refused by default: they mean a broken checkpoint).")
 
 
 def main(argv):
@@ -37,13 +39,15 @@ def main(argv):
     out = convert.hf_to_msa_jax(_INPUT.value, _OUTPUT.value, score_mode=_SCORE_MODE.value,
                                 param_dtype=_PARAM_DTYPE.value, seed=_SEED.value,
                                 overwrite=_OVERWRITE.value,
-                                require_tokenizer=_REQUIRE_TOKENIZER.value)
+                                require_tokenizer=_REQUIRE_TOKENIZER.value,
+                                allow_nonfinite=_ALLOW_NONFINITE.value)
   else:
     out = convert.msa_jax_to_hf(_INPUT.value, _OUTPUT.value, hf_format=_HF_FORMAT.value,
                                 overwrite=_OVERWRITE.value,
-                                max_shard_bytes=int(_MAX_SHARD_GB.value * (1 << 30)))
+                                max_shard_bytes=int(_MAX_SHARD_GB.value * (1 << 30)),
+                                allow_nonfinite=_ALLOW_NONFINITE.value)
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -3,11 +3,11 @@
   python tools/make_random_checkpoint.py --preset=tiny --output=/tmp/tiny_hf
 """
 
-from absl import app, flags
+from absl import flags
 
 from msa_jax import config as cfglib
 from msa_jax.checkpoint.random_hf import write_random_hf_checkpoint
-from msa_jax.cli import quiet_library_logs
+from msa_jax.cli import quiet_library_logs, run
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", sorted(cfglib.PRESETS), "Model shape.")
 _OUTPUT = flags.DEFINE_string("output", None, "Destination directory.", required=True)
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -1,7 +1,8 @@
 """Hugging Face directory <-> msa_jax checkpoint directory.
 
 An msa_jax checkpoint directory holds:
-  msa_jax_config.json  our ModelConfig + MSAConfig, the source HF config.json and its model_type
+  msa_jax_config.json  our ModelConfig + MSAConfig, the source HF config.json and its model_type,
+                       the size and sha256 of every file under params/ (checked before a restore)
   params/              an orbax checkpoint of {"params": per-layer tree, "extras": HF loss scalars}
   tokenizer.json       (and the other tokenizer / generation files of the source, copied)
 
@@ -22,7 +23,8 @@ import orbax.checkpoint as ocp
 
 from msa_jax import config as cfglib
 from msa_jax.atomic_dir import atomic_output_dir
-from msa_jax.checkpoint.errors import CheckpointError
+from msa_jax.checkpoint.digest import files_digest, verify_files
+from msa_jax.checkpoint.errors import CheckpointError, restore_error
 from msa_jax.checkpoint.hf_names import (LOSS_SCALARS, get_path, is_router_spec, set_path,
                                          tensor_specs)
 from msa_jax.checkpoint.safetensors_dir import SafetensorsDir, write_safetensors_dir
@@ -31,6 +33,7 @@ from msa_jax.model.layers import dtype_of
 CONFIG_FILE = "msa_jax_config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+PARAMS_FILES = "params_files"  # msa_jax_config.json: {file under params/: [size, sha256]}
 TOKENIZER_FILE = "tokenizer.json"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "vocab.json", "merges.txt")
@@ -80,12 +83,21 @@ def _check_names(source: SafetensorsDir, specs, allow_missing_router: bool):
     raise CheckpointError(f"{source.path}: " + "; ".join(problems))
 
 
+def _check_finite(where: str, name: str, value: np.ndarray, allow_nonfinite: bool) -> None:
+  """A NaN or inf weight is a broken checkpoint, refused unless the caller allows it."""
+  if not allow_nonfinite and value.size and not np.isfinite(value).all():
+    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    raise CheckpointError(f"{where}: tensor {name} holds {bad} non-finite values (NaN or inf); "
+                          f"pass allow_nonfinite=True (--allow_nonfinite) to convert it anyway")
+
+
 def read_hf_params(hf_dir: str, *, score_mode: str | None = None, param_dtype: str | None = None,
-                   seed: int = 0):
+                   seed: int = 0, allow_nonfinite: bool = False):
   """Reads an HF directory into (ModelConfig, MSAConfig, per-layer params, extras, hf_config).
 
   A plain Qwen3 gets router projections drawn from N(0, initializer_range) (how an MSA model is made
-  from a base Qwen3); an MSA checkpoint must carry them.
+  from a base Qwen3); an MSA checkpoint must carry them. Non-finite weights are refused unless
+  `allow_nonfinite`.
   """
   hf_config = read_hf_config(hf_dir)
   try:
@@ -105,6 +117,7 @@ def read_hf_params(hf_dir: str, *, score_mode: str | None = None, param_dtype: s
     for spec in specs:
       if spec.hf_name in present:
         value = spec.to_ours(source.get(spec.hf_name))
+        _check_finite(hf_dir, spec.hf_name, value, allow_nonfinite)
       else:  # router projection of a base Qwen3
         value = rng.normal(0.0, model_cfg.initializer_range, spec.shape)
       set_path(params, spec.path, value.astype(dtype, copy=False))
@@ -125,7 +138,7 @@ def _save_tree(path: str, params, extras) -> None:
 
 def hf_to_msa_jax(hf_dir: str, out_dir: str, *, score_mode: str | None = None,
                   param_dtype: str | None = None, seed: int = 0, overwrite: bool = False,
-                  require_tokenizer: bool = True) -> str:
+                  require_tokenizer: bool = True, allow_nonfinite: bool = False) -> str:
   """Converts an HF Qwen3 / MSA directory into an msa_jax checkpoint directory; returns its path."""
   if not os.path.isdir(hf_dir):
     raise CheckpointError(f"input directory does not exist: {hf_dir}")
@@ -134,7 +147,8 @@ def hf_to_msa_jax(hf_dir: str, out_dir: str, *, score_mode: str | None = None,
     raise CheckpointError(f"{hf_dir} has no {TOKENIZER_FILE} (convert weights only with "
                           f"require_tokenizer=False / --norequire_tokenizer)")
   model_cfg, msa_cfg, params, extras, hf_config = read_hf_params(
-      hf_dir, score_mode=score_mode, param_dtype=param_dtype, seed=seed)
+      hf_dir, score_mode=score_mode, param_dtype=param_dtype, seed=seed,
+      allow_nonfinite=allow_nonfinite)
   side_files = [os.path.join(hf_dir, name) for name in SIDE_FILES]
   return write_checkpoint_dir(out_dir, model_cfg, msa_cfg, params, extras=extras,
                               hf_config=hf_config, side_files=side_files, overwrite=overwrite)
@@ -153,7 +167,8 @@ def write_checkpoint_dir(out_dir: str, model_cfg: cfglib.ModelConfig, msa_cfg: c
     _save_tree(os.path.join(tmp, PARAMS_DIR), params, extras)
     meta = {"format_version": FORMAT_VERSION, **cfglib.config_to_dict(model_cfg, msa_cfg),
             "hf_model_type": hf_config["model_type"], "hf_config": hf_config,
-            "extras": sorted(extras), **(extra_meta or {})}
+            "extras": sorted(extras), **(extra_meta or {}),
+            PARAMS_FILES: files_digest(os.path.join(tmp, PARAMS_DIR))}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
     for path in side_files:
@@ -179,15 +194,20 @@ def read_meta(ckpt_dir: str):
 
 
 def restore_tree(ckpt_dir: str, target=None):
-  """Restores the orbax tree ({"params", maybe "extras"}); `target` may carry shardings."""
+  """Restores the orbax tree ({"params", maybe "extras"}); `target` may carry shardings. The
+  files are first checked against the checksums msa_jax_config.json records (a checkpoint written
+  before they were recorded is restored unchecked)."""
   path = os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR)
   if not os.path.isdir(path):
     raise CheckpointError(f"{ckpt_dir} has no {PARAMS_DIR}/ directory")
+  config = os.path.join(ckpt_dir, CONFIG_FILE)
+  if os.path.exists(config):
+    verify_files(path, _load_json_object(config).get(PARAMS_FILES, {}))
   try:
     with ocp.StandardCheckpointer() as checkpointer:  # (closed even on failure)
       return checkpointer.restore(path, target)
   except Exception as e:  # orbax raises many types for damaged checkpoints
-    raise CheckpointError(f"cannot restore {path}: {type(e).__name__}: {e}") from e
+    raise restore_error(path, e) from e
 
 
 def _check_tree(ckpt_dir: str, params, specs) -> None:
@@ -209,7 +229,7 @@ def _check_tree(ckpt_dir: str, params, specs) -> None:
 
 
 def msa_jax_to_hf(ckpt_dir: str, out_dir: str, *, hf_format: str = "auto", overwrite: bool = False,
-                  max_shard_bytes: int = 2 << 30) -> str:
+                  max_shard_bytes: int = 2 << 30, allow_nonfinite: bool = False) -> str:
   """Writes an msa_jax checkpoint as an HF safetensors directory that transformers loads.
 
   `hf_format`: "qwen3" (plain Qwen3, router projections dropped), "msa" (official MSA layout with
@@ -232,7 +252,9 @@ def msa_jax_to_hf(ckpt_dir: str, out_dir: str, *, hf_format: str = "auto", overw
 
   def tensors():
     for spec in specs:
-      yield spec.hf_name, spec.to_hf(np.asarray(get_path(params, spec.path)))
+      value = np.asarray(get_path(params, spec.path))
+      _check_finite(ckpt_dir, "/".join(spec.path), value, allow_nonfinite)
+      yield spec.hf_name, spec.to_hf(value)
     if fmt == "msa":
       for name, value in tree.get("extras", {}).items():
         yield name, np.asarray(value)

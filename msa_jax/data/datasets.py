@@ -28,6 +28,7 @@ import numpy as np
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.records import Record, RecordError, make_record
+from msa_jax.text_files import read_utf8, utf8_lines
 
 _REQUIRED_KEYS = ("documents", "question", "answer", "positive_ids")
 _PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -40,36 +41,35 @@ _PICKLE_SUFFIXES = (".pkl", ".pickle")
 def read_jsonl(path: str) -> list[Record]:
   """Every record of a JSONL file; blank lines are skipped. Errors name `path:line`."""
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict):
-        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      missing = [k for k in _REQUIRED_KEYS if k not in obj]
-      if missing:
-        raise RecordError(f"{where}: missing key(s) {', '.join(missing)}")
-      documents = obj["documents"]
-      if not isinstance(documents, list):
-        raise RecordError(f"{where}: documents must be a list of strings")
-      task = obj.get("task", "")
-      if task is None:
-        task = ""
-      if not isinstance(task, str):
-        raise RecordError(f"{where}: task must be a string")
-      positive_ids = obj["positive_ids"]
-      if not isinstance(positive_ids, list):
-        raise RecordError(f"{where}: positive_ids must be a list of ids or of lists of ids")
-      doc_ids = obj.get("doc_ids")
-      if doc_ids is not None and not isinstance(doc_ids, list):
-        raise RecordError(f"{where}: doc_ids must be a list of integers")
-      records.append(make_record(documents, obj["question"], obj["answer"], positive_ids,
-                                 task=task, where=where, doc_ids=doc_ids))
+  for lineno, line in utf8_lines(path, RecordError):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+      raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in obj]
+    if missing:
+      raise RecordError(f"{where}: missing key(s) {', '.join(missing)}")
+    documents = obj["documents"]
+    if not isinstance(documents, list):
+      raise RecordError(f"{where}: documents must be a list of strings")
+    task = obj.get("task", "")
+    if task is None:
+      task = ""
+    if not isinstance(task, str):
+      raise RecordError(f"{where}: task must be a string")
+    positive_ids = obj["positive_ids"]
+    if not isinstance(positive_ids, list):
+      raise RecordError(f"{where}: positive_ids must be a list of ids or of lists of ids")
+    doc_ids = obj.get("doc_ids")
+    if doc_ids is not None and not isinstance(doc_ids, list):
+      raise RecordError(f"{where}: doc_ids must be a list of integers")
+    records.append(make_record(documents, obj["question"], obj["answer"], positive_ids,
+                               task=task, where=where, doc_ids=doc_ids))
   if not records:
     raise RecordError(f"{path}: no records (the file is empty)")
   return records
@@ -146,12 +146,11 @@ def _load(path: str, allow_pickle: bool, what: str):
         return pickle.load(f)
       except Exception as e:  # a corrupt pickle can raise almost anything
         raise RecordError(f"{what} file {path}: cannot unpickle ({type(e).__name__}: {e})") from e
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise RecordError(f"{what} file {path}: not valid JSON ({e.msg} at line {e.lineno} column "
-                        f"{e.colno})") from None
+  try:
+    return json.loads(read_utf8(path, RecordError))
+  except json.JSONDecodeError as e:
+    raise RecordError(f"{what} file {path}: not valid JSON ({e.msg} at line {e.lineno} column "
+                      f"{e.colno})") from None
 
 
 def _as_list(obj, path: str, what: str) -> list:

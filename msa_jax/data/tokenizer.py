@@ -3,11 +3,20 @@
 MSA's protocol depends on a few special tokens: `<|im_start|>`/`<|im_end|>` frame the chat template,
 `<|object_ref_end|>` ends a Memory Interleave round, and the pad token (`<|endoftext|>` for Qwen) fills
 rows. A tokenizer lacking one fails with an error naming the missing token when it is needed.
+
+Those control tokens must come from the protocol only, never from content: a document or question
+holding the string `<|im_end|>` or `[3]<|object_ref_end|>` would otherwise end a round or fake a
+retrieval. So user text is tokenized with every added token as plain text (`encode_plain`,
+`encode_filled`), by a copy of the tokenizer without added tokens (the library's
+`encode_special_tokens` would still match added tokens not marked special).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
 
 import tokenizers
 
@@ -16,6 +25,7 @@ IM_END = "<|im_end|>"
 OBJECT_REF_END = "<|object_ref_end|>"
 ENDOFTEXT = "<|endoftext|>"
 MSA_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, OBJECT_REF_END)
+CONTENT = "\ue000"  # (a private-use character) marks where user text goes in a protocol template
 
 
 class MissingSpecialTokenError(KeyError):
@@ -51,7 +61,8 @@ class Tokenizer:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; special-token strings inside it map to their ids, nothing is added."""
+    """Token ids of protocol `text`; special-token strings inside it map to their ids, nothing is
+    added. For user text use `encode_plain` or `encode_filled`."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -59,6 +70,33 @@ class Tokenizer:
     token came from (a token may straddle two parts)."""
     enc = self._tok.encode(text, add_special_tokens=False)
     return enc.ids, enc.offsets
+
+  @functools.cached_property
+  def _plain(self) -> tokenizers.Tokenizer:
+    spec = json.loads(self._tok.to_str())
+    spec["added_tokens"] = []
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+  @functools.cached_property
+  def _added(self) -> re.Pattern:
+    contents = sorted((t.content for t in self._tok.get_added_tokens_decoder().values()), key=len,
+                      reverse=True)
+    return re.compile("|".join(map(re.escape, contents)) or "(?!)")
+
+  def encode_plain(self, text: str) -> list[int]:
+    """Token ids of user text: special-token strings inside it are plain text."""
+    return self._plain.encode(text, add_special_tokens=False).ids
+
+  def encode_filled(self, template: str, content: str) -> list[int]:
+    """Ids of protocol `template` with user `content` at its one `CONTENT` mark: the template's
+    special tokens are control tokens, those in `content` plain text. Added tokens split a text
+    before anything else, so this equals `encode(template with content)` when the content holds
+    none."""
+    before, after = template.split(CONTENT)  # (a ValueError unless exactly one mark)
+    head = max((m.end() for m in self._added.finditer(before)), default=0)
+    tail = next((m.start() for m in self._added.finditer(after)), len(after))
+    return (self.encode(before[:head]) + self.encode_plain(before[head:] + content + after[:tail])
+            + self.encode(after[tail:]))
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
     """Text of `ids`; special tokens are kept by default (Memory Interleave parses them)."""

@@ -25,6 +25,8 @@ re-prefill. Every piece is tokenized on its own and the ids are concatenated (th
 re-tokenized as a whole), so the spans of the masks are exact for any tokenizer. The markers of the
 extra loss terms are such spans too: `answer_value` is the piece ` A` (the answer loss's targets),
 `context_target` every injected-documents piece of the context (the context LM loss's targets).
+Documents and questions are user text: special-token strings in them are tokenized as plain text
+(`Tokenizer.encode_filled`), so they cannot end a round or fake retrieval markers.
 
 Documents are the record's documents wrapped as `<|im_start|>[id]. text[id]<|im_end|>` with their
 display ids (`Record.doc_ids`, by default 0-based indices). Ids are written, and documents
@@ -38,6 +40,7 @@ from typing import NamedTuple, Sequence
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample
 from msa_jax.data.records import Record
+from msa_jax.data.tokenizer import CONTENT
 
 
 def num_steps(record: Record) -> int:
@@ -45,13 +48,15 @@ def num_steps(record: Record) -> int:
   return len(record.hops) + 1
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-  return list(tokenizer.encode(text))
+def _encode(tokenizer, text: str, content: str | None = None) -> list[int]:
+  """Ids of protocol `text`; `content`, user text at its CONTENT mark, is tokenized as plain text."""
+  return list(tokenizer.encode(text) if content is None else tokenizer.encode_filled(text, content))
 
 
 def prompt_pieces(question: str, tokenizer) -> tuple[list[int], list[int], list[int]]:
   """(template head, question, template tail) ids of a question's first-round prompt."""
-  return (_encode(tokenizer, pf.TEMPLATE_HEAD), _encode(tokenizer, pf.question_text(question)),
+  return (_encode(tokenizer, pf.TEMPLATE_HEAD),
+          _encode(tokenizer, pf.question_text(CONTENT), question),
           _encode(tokenizer, pf.TEMPLATE_TAIL))
 
 
@@ -64,6 +69,11 @@ class Context(NamedTuple):
   injected: list[bool]
 
 
+def restatement(question: str, tokenizer) -> list[int]:
+  """Ids of the question restated after `<End-of-Retrieve>` (what the driver injects)."""
+  return _encode(tokenizer, pf.restatement(CONTENT), question)
+
+
 def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, str]]]],
                       tokenizer) -> Context:
   """The transcript of retrieval rounds: its tokens route where they are the newest injected
@@ -73,7 +83,7 @@ def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, 
   out = Context([], [], [])
   for j, (written, entries) in enumerate(rounds):
     pieces = ((list(written), False, False),
-              (_encode(tokenizer, pf.injected_documents(entries)), j == len(rounds) - 1, True),
+              (_encode(tokenizer, CONTENT, pf.injected_documents(entries)), j == len(rounds) - 1, True),
               (_encode(tokenizer, pf.injection_end()), False, False))
     for piece, routes, injected in pieces:
       out.ids.extend(piece)
@@ -93,12 +103,12 @@ def _context(record: Record, step: int, tokenizer) -> Context:
 
 def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
   """The sample of one step: 0 <= step < len(record.hops) is a retrieval step, step ==
-  len(record.hops) the answer step. `tokenizer` needs `encode(text) -> ids`."""
+  len(record.hops) the answer step. `tokenizer` is a `Tokenizer`."""
   n_hops = len(record.hops)
   if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= n_hops:
     raise ValueError(f"step {step!r} outside [0, {n_hops}] for a record with {n_hops} retrieval "
                      f"steps")
-  documents = [_encode(tokenizer, pf.wrap_document(i, text))
+  documents = [_encode(tokenizer, pf.wrap_document(i, CONTENT), text)
                for i, text in zip(record.doc_ids, record.documents)]
   context = _context(record, step, tokenizer)
   if step < n_hops:
@@ -108,10 +118,11 @@ def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
   else:
     answer, answer_target, answer_value = [], [], []
     prefix, value, end = pf.final_answer_pieces(record.answer)
-    for text, target, is_value in ((pf.END_OF_RETRIEVE, True, False),
-                                   (pf.restatement(record.question), False, False),
-                                   (prefix, True, False), (value, True, True), (end, True, False)):
-      piece = _encode(tokenizer, text)
+    for piece, target, is_value in ((_encode(tokenizer, pf.END_OF_RETRIEVE), True, False),
+                                    (restatement(record.question, tokenizer), False, False),
+                                    (_encode(tokenizer, prefix), True, False),
+                                    (_encode(tokenizer, value), True, True),
+                                    (_encode(tokenizer, end), True, False)):
       answer.extend(piece)
       answer_target.extend([target] * len(piece))
       answer_value.extend([is_value] * len(piece))

@@ -153,8 +153,8 @@ class _Question:
 
 
 class InterleaveDriver:
-  """Answers questions over one memory; see the module docstring. `tokenizer` needs
-  `encode`, `decode` (keeping special tokens) and `token_id`."""
+  """Answers questions over one memory; see the module docstring. `tokenizer` is a `Tokenizer`
+  (decoding keeps special tokens)."""
 
   def __init__(self, generate_fn: GenerateFn, tokenizer, documents: DocumentStore,
                config: InterleaveConfig = InterleaveConfig()):
@@ -222,7 +222,7 @@ class InterleaveDriver:
                                 q.head + q.question + q.tail + context + (q.answer_prefix or []))
 
   def _end_retrieval(self, q: _Question, written: list[int]) -> None:
-    q.answer_prefix = written + list(self.tokenizer.encode(pf.restatement(q.text)))
+    q.answer_prefix = written + transcript.restatement(q.text, self.tokenizer)
 
   def _eor_cut(self, tokens: list[int]) -> int | None:
     """The length of the shortest prefix of `tokens` that writes `<End-of-Retrieve>`, if any."""

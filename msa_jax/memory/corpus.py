@@ -21,6 +21,7 @@ from typing import Iterator
 from msa_jax.data.datasets import read_official_memory
 from msa_jax.data.records import RecordError
 from msa_jax.memory.errors import BankError
+from msa_jax.text_files import read_utf8, utf8_lines
 
 FORMATS = ("jsonl", "text", "official_json")
 
@@ -50,10 +51,9 @@ class JsonlCorpus:
     return self._len
 
   def __iter__(self) -> Iterator[Document]:
-    with open(self.path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, start=1):
-        if line.strip():
-          yield _jsonl_document(line, f"{self.path}:{lineno}")
+    for lineno, line in utf8_lines(self.path, BankError):
+      if line.strip():
+        yield _jsonl_document(line, f"{self.path}:{lineno}")
 
 
 def _jsonl_document(line: str, where: str) -> Document:
@@ -89,11 +89,7 @@ class TextFilesCorpus:
 
   def __iter__(self) -> Iterator[Document]:
     for path in self.files:
-      try:
-        with open(path, encoding="utf-8") as f:
-          yield Document(f.read())
-      except UnicodeDecodeError as e:
-        raise BankError(f"corpus file {path} is not UTF-8 text ({e})") from None
+      yield Document(read_utf8(path, BankError))
 
 
 def official_corpus(path: str, allow_pickle: bool = False) -> list[Document]:

@@ -14,7 +14,8 @@ documents start, a digest of those it committed and the packing settings; the co
 documents must match that digest, and encoding continues after the last committed one (packing
 restarts at a batch boundary, so the result is byte-identical to an uninterrupted run).
 `append=True` adds the given documents to a finished bank (old documents are never re-encoded);
-a killed append resumes the same way with `append=True`.
+a killed append resumes the same way with `append=True`. The whole call holds the bank's write lock
+(`BankLock`), so a second writer is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ import numpy as np
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_memory_batch
+from msa_jax.data.tokenizer import CONTENT
 from msa_jax.memory import manifest as mf
 from msa_jax.memory.bank import check_model
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.errors import BankError
-from msa_jax.memory.writer import DEFAULT_ROWS_PER_CHUNK, BankWriter, EncodedBatch
+from msa_jax.memory.lock import BankLock
+from msa_jax.memory.writer import (DEFAULT_ROWS_PER_CHUNK, BankWriter, EncodedBatch,
+                                   remove_stale_temps)
 from msa_jax.model import entry_points
 from msa_jax.training.metrics_log import format_duration
 
@@ -143,8 +147,8 @@ class _Encoder:
   """One `encode_corpus` call: the target bank's state and the per-batch work."""
 
   def __init__(self, model, params, tokenizer, out_dir: str, packing: _Packing, append: bool,
-               rows_per_chunk: int):
-    self.model, self.params, self.tokenizer = model, params, tokenizer
+               rows_per_chunk: int, lock: BankLock):
+    self.model, self.params, self.tokenizer, self.lock = model, params, tokenizer, lock
     self.path = os.path.abspath(out_dir)
     self.packing = packing
     self.rows_per_chunk = rows_per_chunk
@@ -166,11 +170,19 @@ class _Encoder:
 
   def _open(self, append: bool) -> None:
     """Decides between a new bank, a resume and an append, refusing what does not fit."""
-    if not os.path.lexists(self.path):
+    for tmp in remove_stale_temps(self.path, self.lock):
+      self.lock.log(f"removed {tmp}, left by an encode killed before its first commit")
+    if not os.path.lexists(self.path) or _is_empty_dir(self.path):
       if append:
         raise BankError(f"no bank at {self.path} to append to")
       self.session = self._session(0)
       return
+    if not os.path.isdir(self.path):
+      raise BankError(f"{self.path} is a file, not a bank directory; choose another output "
+                      f"directory")
+    if not os.path.exists(mf.manifest_path(self.path)):
+      raise BankError(f"{self.path} is a directory but not a bank (it has no {mf.MANIFEST_FILE}); "
+                      f"choose a new or empty output directory")
     manifest = mf.read_manifest(self.path)
     check_model(self.path, manifest, self.model.config, self.model.msa, self.params)
     session = manifest.encoding
@@ -178,13 +190,14 @@ class _Encoder:
       if not append:
         raise BankError(f"a finished bank already exists at {self.path}; pass append=True "
                         f"(--append) to add documents, or choose another output directory")
-      self.writer = BankWriter(self.path, manifest)
+      self.writer = BankWriter(self.path, manifest, self.lock)
       self.session = self._session(manifest.num_docs)
     else:
       if append != (session.start_doc > 0):
-        what = "an append" if session.start_doc > 0 else "a fresh encode"
-        raise BankError(f"bank {self.path} holds an interrupted {what}; resume it with the same "
-                        f"documents and append={session.start_doc > 0}")
+        how = "with --append (append=True)" if session.start_doc > 0 else "without --append"
+        what = "append" if session.start_doc > 0 else "encode"
+        raise BankError(f"bank {self.path} holds an interrupted {what}; resume it by running the "
+                        f"same {what} again, {how} and with the same corpus")
       p = self.packing
       ours = (p.row_tokens, p.batch_rows, p.max_docs_per_row)
       theirs = (session.row_tokens, session.batch_rows, session.max_docs_per_row)
@@ -192,7 +205,7 @@ class _Encoder:
         raise BankError(f"bank {self.path}: the interrupted encode packed (row_tokens, "
                         f"batch_rows, max_docs_per_row) = {theirs}; resume with the same "
                         f"settings, not {ours}")
-      self.writer = BankWriter(self.path, manifest)
+      self.writer = BankWriter(self.path, manifest, self.lock)
       self.session = session
     self.used_ids = set(self.writer.display_ids().tolist())
 
@@ -233,7 +246,8 @@ class _Encoder:
         raise BankError(f"{where}: display id {display_id} is already used by another document "
                         f"of the bank; display ids must be unique")
       self.used_ids.add(display_id)
-      tokens = np.asarray(self.tokenizer.encode(pf.wrap_document(display_id, doc.text)), np.int32)
+      tokens = np.asarray(self.tokenizer.encode_filled(pf.wrap_document(display_id, CONTENT),
+                                                       doc.text), np.int32)
       limit = min(p.row_tokens, p.max_positions)
       if tokens.size > limit:
         what = (f"a row (row_tokens={p.row_tokens})" if p.row_tokens <= p.max_positions else
@@ -295,7 +309,7 @@ class _Encoder:
       template_k = np.stack([np.asarray(k[0]) for k, _ in encoded.template_kv])
       template_v = np.stack([np.asarray(v[0]) for _, v in encoded.template_kv])
       self.writer = BankWriter.create(self.path, self._new_manifest(batch, template_k), template_k,
-                                      template_v, batch, digest)
+                                      template_v, batch, digest, self.lock)
       self.session = self.writer.manifest.encoding
     else:
       self.writer.commit(batch, digest)
@@ -321,6 +335,10 @@ class _Encoder:
         updated=stamp)
 
 
+def _is_empty_dir(path: str) -> bool:
+  return os.path.isdir(path) and not os.listdir(path)
+
+
 def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str], out_dir: str, *,
                   batch_rows: int = 8, row_tokens: int = 4096,
                   max_docs_per_row: int | None = None, append: bool = False,
@@ -332,8 +350,9 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
   A new directory becomes a new bank; an interrupted one is resumed; `append=True` adds the
   documents to a finished bank (see the module doc). `max_docs_per_row` defaults to
   row_tokens // P. `on_commit(stats)` runs after every committed batch (an exception there stops
-  the encode with that batch committed). Raises `BankError` for bad input, a foreign bank or
-  mismatched resume; documents committed before an error stay committed and resumable.
+  the encode with that batch committed). Raises `BankError` for bad input, a foreign bank, a
+  mismatched resume or a bank another writer holds; documents committed before an error stay
+  committed and resumable.
   """
   for name, value in (("batch_rows", batch_rows), ("row_tokens", row_tokens),
                       ("rows_per_chunk", rows_per_chunk)):
@@ -346,7 +365,15 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
   packing = _Packing(row_tokens=row_tokens, batch_rows=batch_rows, max_docs_per_row=max_docs,
                      chunk_size=msa.chunk_size, max_positions=model.config.max_position_embeddings,
                      vocab_size=model.config.vocab_size, pad_id=tokenizer.pad_id)
-  enc = _Encoder(model, params, tokenizer, out_dir, packing, append, rows_per_chunk)
+  with BankLock(out_dir, log) as lock:
+    enc = _Encoder(model, params, tokenizer, out_dir, packing, append, rows_per_chunk, lock)
+    return _run(enc, documents, progress_every_s, log, on_commit)
+
+
+def _run(enc: _Encoder, documents: Iterable[Document | str], progress_every_s: float,
+         log: Callable[[str], None],
+         on_commit: Callable[[EncodeStats], None] | None) -> EncodeStats:
+  """The body of `encode_corpus`, under the bank's lock."""
   start = time.perf_counter()  # encoding time: after the parameter fingerprint and bank checks
   total = len(documents) if hasattr(documents, "__len__") else None
   stream = iter(documents)
@@ -369,7 +396,7 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
     stats.tokens += tokens
     stats.chunks += chunks
     stats.batches += 1
-    stats.slot_tokens += batch_rows * row_tokens
+    stats.slot_tokens += enc.packing.batch_rows * enc.packing.row_tokens
     stats.seconds = time.perf_counter() - start
     stats.bank_documents = enc.bank_docs
     if stats.batches == 1:

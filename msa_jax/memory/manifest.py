@@ -13,7 +13,8 @@ Fingerprints say which model built the bank:
 
 Checksums: for every array, a list of `[start, stop, sha256]` segments along its growing axis, one
 per committed batch (the bytes of those rows, C order), so verifying is streamed and appending
-never rehashes old rows.
+never rehashes old rows. The manifest carries the sha256 of its own content too
+(`manifest_sha256`), so an edited or damaged manifest (say, other router layers) is refused.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from msa_jax import config as cfglib
 from msa_jax.memory.errors import BankError
 from msa_jax.model.param_layout import unstack_layers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest checksums itself
 MANIFEST_FILE = "manifest.json"
+MANIFEST_CHECKSUM = "manifest_sha256"
 ENCODING_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                          "num_heads", "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps",
                          "tie_word_embeddings", "compute_dtype")
@@ -151,7 +153,12 @@ class BankManifest:
       if isinstance(e, BankError):
         raise
       raise BankError(f"{where}: malformed manifest ({e})") from None
-    return cls(**values)
+    manifest = cls(**values)
+    try:
+      manifest.configs()
+    except cfglib.ConfigError as e:
+      raise BankError(f"{where}: the manifest's model configuration is invalid ({e})") from None
+    return manifest
 
 
 def now() -> str:
@@ -164,18 +171,28 @@ def manifest_path(bank_dir: str) -> str:
 
 def read_manifest(bank_dir: str) -> BankManifest:
   path = manifest_path(bank_dir)
+  if not os.path.lexists(bank_dir):
+    raise BankError(f"no bank at {bank_dir}: it does not exist")
   if not os.path.isdir(bank_dir):
-    raise BankError(f"no bank at {bank_dir}: the directory does not exist")
+    raise BankError(f"no bank at {bank_dir}: it is a file, not a bank directory")
   if not os.path.exists(path):
-    raise BankError(f"{bank_dir} is not a bank: it has no {MANIFEST_FILE} (an encode that died "
-                    f"before its first commit leaves none; encode again)")
+    raise BankError(f"{bank_dir} is not a bank: it has no {MANIFEST_FILE}")
   try:
     with open(path, encoding="utf-8") as f:
       obj = json.load(f)
-  except json.JSONDecodeError as e:
-    raise BankError(f"{path}: corrupt manifest, not valid JSON ({e.msg} at line "
-                    f"{e.lineno})") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BankError(f"{path}: corrupt manifest, not valid JSON ({e})") from None
+  if isinstance(obj, dict) and obj.get("format_version") == FORMAT_VERSION:
+    if obj.pop(MANIFEST_CHECKSUM, None) != content_digest(obj):
+      raise BankError(f"{path}: the manifest does not match its checksum: it was edited or "
+                      f"damaged after it was written (a bank's manifest must not be edited; "
+                      f"encode the corpus again)")
   return BankManifest.from_json(obj, path)
+
+
+def content_digest(obj: dict) -> str:
+  """The manifest's checksum of its own content (every key but the checksum)."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def write_manifest(bank_dir: str, manifest: BankManifest) -> None:
@@ -183,8 +200,10 @@ def write_manifest(bank_dir: str, manifest: BankManifest) -> None:
   path = manifest_path(bank_dir)
   tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
   try:
+    obj = manifest.to_json()
+    obj[MANIFEST_CHECKSUM] = content_digest(obj)
     with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(manifest.to_json(), f, indent=1)
+      json.dump(obj, f, indent=1)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -9,7 +9,8 @@
 
 Every storage chunk ends with a crc32c codec, so a flipped or truncated chunk file fails its read
 with DATA_LOSS, and arrays open with `fill_missing_data_reads=false`, so a deleted chunk file fails
-too instead of reading as zeros. Either becomes a `BankError`.
+too instead of reading as zeros. Either becomes a `BankError`. For that, every chunk is stored, even
+one equal to the fill value (the display ids [0] of a one-document bank are all zeros).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _kvstore(bank_dir: str, name: str) -> dict:
 def create_array(bank_dir: str, name: str, shape, dtype: str, chunk_shape) -> ts.TensorStore:
   spec = {
       "driver": "zarr3", "kvstore": _kvstore(bank_dir, name), "create": True,
+      "store_data_equal_to_fill_value": True,
       "metadata": {
           "shape": list(shape), "data_type": dtype,
           "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
@@ -60,7 +62,7 @@ def open_array(bank_dir: str, name: str) -> ts.TensorStore:
     raise BankError(f"bank {bank_dir}: array {name} is missing ({os.path.join(bank_dir, name)} "
                     f"has no zarr.json)")
   spec = {"driver": "zarr3", "kvstore": _kvstore(bank_dir, name), "open": True,
-          "fill_missing_data_reads": False}
+          "fill_missing_data_reads": False, "store_data_equal_to_fill_value": True}
   try:
     return ts.open(spec).result()
   except ValueError as e:

@@ -1,15 +1,18 @@
 """`BankWriter`: commits encoded batches to a bank directory, one atomic manifest update per batch.
 
 A new bank is built in a temporary sibling directory and renamed into place at its first commit,
-so a failed first batch leaves nothing behind. Each commit grows the arrays, writes the batch's
-rows, waits for the writes, then replaces the manifest (the commit point). Reopening a bank for a
-resume or an append first cuts every array back to its committed length, dropping rows a killed
-run wrote past its last commit.
+so a failed first batch leaves nothing behind (a killed one leaves the temporary directory, which
+the next writer removes). Each commit grows the arrays, writes the batch's rows, waits for the
+writes, then replaces the manifest (the commit point). A writer holds the bank's lock (`BankLock`)
+throughout; reopening a bank for a resume or an append, under that lock, first cuts every array
+back to its committed length, dropping rows a killed run wrote past its last commit (readers never
+trim: the rows may be another writer's, in flight).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 from typing import Sequence
@@ -21,6 +24,7 @@ from msa_jax.memory import manifest as mf
 from msa_jax.memory import store
 from msa_jax.memory.bank import committed_length
 from msa_jax.memory.errors import BankError
+from msa_jax.memory.lock import BankLock
 
 DEFAULT_ROWS_PER_CHUNK = 256
 
@@ -38,9 +42,22 @@ class EncodedBatch:
   texts: Sequence[str]
 
 
+def remove_stale_temps(path: str, lock: BankLock) -> list[str]:
+  """Removes the temporary directories of encodes of `path` killed before their first commit
+  (only the lock holder may: no other writer can be building one); returns them."""
+  lock.check()
+  path = os.path.abspath(path)
+  stale = glob.glob(os.path.join(os.path.dirname(path),
+                                 glob.escape(f".{os.path.basename(path)}.tmp-") + "*"))
+  for tmp in stale:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return stale
+
+
 class BankWriter:
 
-  def __init__(self, path: str, manifest: mf.BankManifest):
+  def __init__(self, path: str, manifest: mf.BankManifest, lock: BankLock):
+    lock.check()
     self.path = path
     self.manifest = manifest
     self._arrays = {name: store.open_array(path, name) for name in store.ALL_ARRAYS}
@@ -51,10 +68,12 @@ class BankWriter:
 
   @classmethod
   def create(cls, path: str, manifest: mf.BankManifest, template_k: np.ndarray,
-             template_v: np.ndarray, batch: EncodedBatch, session_digest: str) -> "BankWriter":
-    """Builds the bank with its first batch under a temporary name, then renames it to `path`."""
+             template_v: np.ndarray, batch: EncodedBatch, session_digest: str,
+             lock: BankLock) -> "BankWriter":
+    """Builds the bank with its first batch under a temporary name, then renames it to `path`
+    (which may be an empty directory)."""
     path = os.path.abspath(path)
-    if os.path.lexists(path):
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
       raise BankError(f"cannot create a bank at {path}: it already exists")
     tmp = temp_sibling_dir(path)
     try:
@@ -76,12 +95,12 @@ class BankWriter:
       for name in store.CHUNK_ARRAYS + ("display_ids", "text"):
         manifest.checksums[name] = []
       mf.write_manifest(tmp, manifest)
-      BankWriter(tmp, manifest).commit(batch, session_digest)
+      BankWriter(tmp, manifest, lock).commit(batch, session_digest)
       os.rename(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
-    return cls(path, manifest)
+    return cls(path, manifest, lock)
 
   def commit(self, batch: EncodedBatch, session_digest: str) -> None:
     """Appends one batch of documents and commits it."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from msa_jax.checkpoint.errors import restore_error
 from msa_jax.training.train_step import TrainState
 
 
@@ -37,13 +38,18 @@ class TrainCheckpoints:
 
   def read_data_state(self, step: int) -> dict[str, Any]:
     """The JSON data state of `step` (read first: it says which phase, hence which optimiser)."""
-    out = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-    return out["data"]
+    return self._restore(step, data=ocp.args.JsonRestore())["data"]
 
   def restore_state(self, step: int, target: TrainState) -> TrainState:
     """The train state of `step`, placed as `target` (a tree of sharded ShapeDtypeStructs)."""
-    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return out["state"]
+    return self._restore(step, state=ocp.args.StandardRestore(target))["state"]
+
+  def _restore(self, step: int, **items):
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for damaged checkpoints
+      raise restore_error(f"the checkpoint of step {step} in {self.directory}", e,
+                          f"; remove {self.directory}/{step} to resume from the one before") from e
 
   def close(self) -> None:
     self._manager.close()

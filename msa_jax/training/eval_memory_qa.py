@@ -10,6 +10,8 @@ reports them:
   <|object_ref_end|>`) equal the gold set of the first hop;
 - answer exact match given the retrieved text: the gold transcript (retrieved documents injected,
   `<End-of-Retrieve>`, the question restated) is given and the model writes the answer.
+With a `JsonlLog`, each record's results are written as its batch finishes and a rerun evaluates
+only the records the log lacks, so a long evaluation survives a kill.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.data.records import Record
 from msa_jax.data.tokenizer import Tokenizer
-from msa_jax.data.transcript import num_steps, record_step_sample
+from msa_jax.data.transcript import num_steps, record_step_sample, restatement
+from msa_jax.jsonl_log import JsonlLog
 from msa_jax.model import entry_points
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.training.losses import router_recall
@@ -97,21 +100,24 @@ def _answer_prefix_sample(record: Record, tokenizer: Tokenizer) -> Sample:
   """The answer step with the gold transcript, cut where the model must write the answer."""
   sample = record_step_sample(record, num_steps(record) - 1, tokenizer)
   given = len(tokenizer.encode(pf.END_OF_RETRIEVE)) + len(
-      tokenizer.encode(pf.restatement(record.question)))
+      restatement(record.question, tokenizer))
   return dataclasses.replace(sample, answer=list(sample.answer)[:given], answer_target=(),
                              answer_value=())
 
 
 def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Sequence[Record],
              shapes: EvalShapes, *, batch_size: int = 1,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None,
+             record_log: JsonlLog | None = None) -> dict:
   """Metrics over `records` (summary and per record), as described in the module docstring."""
   decoder = _Decoder(model, params, shapes, tokenizer)
   ref_end, im_end = tokenizer.object_ref_end_id, tokenizer.im_end_id
   layers = model.msa.router_layers
-  details = []
-  for start in range(0, len(records), batch_size):
-    chunk = list(records[start:start + batch_size])
+  done = {d["index"]: d for d in record_log.read()} if record_log else {}
+  todo = [i for i in range(len(records)) if i not in done]
+  for start in range(0, len(todo), batch_size):
+    indices = todo[start:start + batch_size]
+    chunk = [records[i] for i in indices]
     retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer), answer=[],
                                     answer_target=[]) for r in chunk]
     view = decoder.encode(retrieve)
@@ -127,20 +133,24 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
       recalls[n] = np.asarray(per)  # [L, B]
     answers, _ = decoder.generate(view, [_answer_prefix_sample(r, tokenizer) for r in chunk],
                                   im_end)
-    for b, record in enumerate(chunk):
+    for b, (index, record) in enumerate(zip(indices, chunk)):
       gold_ids = {record.doc_ids[i] for i in record.hops[0]}
       text = tokenizer.decode(written[b])
       answer_text = tokenizer.decode(answers[b])
-      details.append({
-          "task": record.task, "question": record.question, "gold_ids": sorted(gold_ids),
+      done[index] = {
+          "index": index, "task": record.task, "question": record.question,
+          "gold_ids": sorted(gold_ids),
           "written": text, "pred_ids": list(parse_ids(text)),
           "retrieval_exact": set(parse_ids(text)) == gold_ids,
           "answer": record.answer, "pred_answer": parse_answer(answer_text),
           "answer_exact": parse_answer(answer_text) == record.answer.strip(),
           **{f"recall@{n}/layer{layer}": float(recalls[n][i, b])
-             for n in RECALL_AT for i, layer in enumerate(layers)}})
+             for n in RECALL_AT for i, layer in enumerate(layers)}}
+      if record_log:
+        record_log.append(done[index])
     if progress:
-      progress(min(start + batch_size, len(records)), len(records))
+      progress(len(done), len(records))
+  details = [done[i] for i in range(len(records))]
   keys = [k for k in details[0] if k.startswith("recall@") or k.endswith("_exact")]
   summary = {k: float(np.mean([r[k] for r in details])) for k in keys}
   summary["records"] = len(details)

@@ -13,6 +13,9 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from msa_jax.data.synthetic import TASKS
+from msa_jax.text_files import read_utf8
+
 TRAINABLE = ("all", "router")
 
 
@@ -167,6 +170,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
   if cfg.data.source not in ("synthetic", "jsonl", "official"):
     raise TrainConfigError(f"data.source must be synthetic, jsonl or official, got "
                            f"{cfg.data.source!r}")
+  unknown = sorted(set(cfg.data.tasks) - set(TASKS))
+  if cfg.data.source == "synthetic" and unknown:
+    raise TrainConfigError(f"data.tasks: unknown synthetic task(s) {unknown}; known: "
+                           f"{', '.join(TASKS)}")
   if cfg.data.batch_size <= 0:
     raise TrainConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
   if len(cfg.mesh) != 3:
@@ -231,8 +238,7 @@ def load_train_config(path: str, overrides: Sequence[str] = ()) -> TrainConfig:
   if not os.path.exists(path):
     raise TrainConfigError(f"config file not found: {path}")
   try:
-    with open(path) as f:
-      d = json.load(f)
+    d = json.loads(read_utf8(path, TrainConfigError))
   except json.JSONDecodeError as e:
     raise TrainConfigError(f"{path} is not valid JSON: {e}") from None
   return config_from_dict(apply_overrides(d, overrides))

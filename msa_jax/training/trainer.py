@@ -3,7 +3,8 @@
 `train(cfg, workdir, data_for_phase, tokenizer_file)` runs every phase of `cfg` in order. Each phase
 has its own optimiser (fresh moments, its own schedule, maybe router-only) and its own input
 iterator. A run restarted on the same workdir resumes from the newest checkpoint: state, phase and
-iterator position, so it continues exactly where the killed run stopped. At the end the final
+iterator position, so it continues exactly where the killed run stopped; a config that would change
+what trained those steps is refused (`run_record`). At the end the final
 parameters are exported as an msa_jax checkpoint directory (`workdir/final`) that `msa_jax.load`
 reads, and the curves are plotted.
 """
@@ -11,7 +12,6 @@ reads, and the curves are plotted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Protocol
 
@@ -28,7 +28,8 @@ from msa_jax.training.checkpointing import TrainCheckpoints
 from msa_jax.training.losses import LossWeights
 from msa_jax.training.metrics_log import MetricsLog, plot_curves
 from msa_jax.training.model_setup import build_model
-from msa_jax.training.train_config import PhaseConfig, TrainConfig, config_to_dict
+from msa_jax.training.run_record import check_and_record
+from msa_jax.training.train_config import PhaseConfig, TrainConfig
 from msa_jax.training.train_step import (TrainState, abstract_state, batch_sharding, init_state,
                                          make_train_step, shardings_of)
 
@@ -104,15 +105,16 @@ def _log(line: str) -> None:
 def train(cfg: TrainConfig, workdir: str,
           data_for_phase: Callable[[int], BatchIterator], *, vocab_size: int | None = None,
           tokenizer_file: str | None = None, stop_after: int | None = None,
-          pause_after: int | None = None, printer: Callable[[str], None] = _log) -> TrainResult:
+          pause_after: int | None = None, allow_config_change: bool = False,
+          printer: Callable[[str], None] = _log) -> TrainResult:
   """Runs (or resumes) `cfg` in `workdir`. `data_for_phase(i)` gives phase i's batch iterator.
 
   `pause_after=n` ends the run cleanly after step n (a checkpoint, and the current model exported to
   `<workdir>/snapshot`), so a long run can be split over time-limited jobs; rerunning on the same
-  workdir continues it exactly. `stop_after=n` (tests) raises `SimulatedKill` as a kill would."""
+  workdir continues it exactly. A resume under a changed config is refused (`TrainConfigError`
+  listing the fields) unless the changes are declared safe or `allow_config_change`.
+  `stop_after=n` (tests) raises `SimulatedKill` as a kill would."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "train_config.json"), "w") as f:
-    json.dump(config_to_dict(cfg), f, indent=2)
   mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.data.batch_size % rows:
@@ -120,6 +122,8 @@ def train(cfg: TrainConfig, workdir: str,
                      f"data x fsdp = {rows} batch shards")
   ckpts = TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
   latest = ckpts.latest_step()
+  check_and_record(workdir, cfg, latest, allow_change=allow_config_change,
+                   write=jax.process_index() == 0, printer=printer)
   built = build_model(cfg.model, mesh, seed=cfg.seed, vocab_size=vocab_size, init=latest is None)
   model = built.model
 
