@@ -1,5 +1,17 @@
-"""The shipped tiny model (models/tiny_msa) loads, matches its recorded training config, and runs the
-generative-retrieval evaluation end to end on a small memory."""
+"""The shipped tiny model (models/tiny_msa): it is the recorded run, and it has not regressed.
+
+The regression test probes fixed held-out questions over 1K-token memories teacher-forced
+(msa_jax.training.probe) and holds the model to floors between its own figures and those of the
+model it replaced (git 38318cb), measured on the same questions (2026-11-30, CPU):
+
+                                 replaced  shipped  floor
+  fact lookup answer-token acc     0.13     0.39    0.30
+  fact lookup answer logprob      -3.20    -1.79   -2.30
+  multi-hop answer logprob        -3.68    -1.69   -2.30
+  multi-hop router recall@1        0.52     0.98    0.90
+
+The issue's goal (EM >= 0.9 on such questions) is not reached yet: BENCHMARKS.md says why.
+"""
 
 import json
 import os
@@ -9,39 +21,49 @@ import pytest
 import msa_jax
 from msa_jax.data.synthetic import generate
 from msa_jax.jsonl_log import JsonlLog
+from msa_jax.training.data_setup import SyntheticRecords
 from msa_jax.training.eval_memory_qa import EvalShapes, evaluate, parse_answer, parse_ids
 from msa_jax.training.model_setup import model_configs
+from msa_jax.training.probe import probe
 from msa_jax.training.train_config import config_from_dict, config_to_dict
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 MODEL = os.path.join(ROOT, "models", "tiny_msa")
 
 
-def test_shipped_model_matches_its_config_and_evaluates():
+def test_shipped_model_is_the_recorded_run():
   loaded = msa_jax.load(MODEL)
   with open(os.path.join(ROOT, "experiments", "configs", "tiny_msa.json")) as f:
-    recorded = config_from_dict(json.load(f))
-  model_cfg, msa_cfg = model_configs(recorded.model, loaded.tokenizer.vocab_size)
-  assert loaded.model_config == model_cfg and loaded.msa_config == msa_cfg
+    base = config_from_dict(json.load(f))  # the later stages keep the base stage's shapes
+  model_cfg, msa_cfg = model_configs(base.model, loaded.tokenizer.vocab_size)
+  assert loaded.model_config == model_cfg
+  assert loaded.msa_config.replace(rec_loss_weight=0.0) == msa_cfg
+  with open(os.path.join(ROOT, "experiments", "configs", "tiny_msa_answer.json")) as f:
+    recorded = config_to_dict(config_from_dict(json.load(f)))
   with open(os.path.join(MODEL, "train_config.json")) as f:
-    shipped = config_from_dict(json.load(f))
-  assert config_to_dict(shipped) == config_to_dict(recorded)  # the shipped model is this run
+    shipped = config_to_dict(config_from_dict(json.load(f)))
+  assert "tiny_msa_recall" in shipped["model"].pop("init_from")  # continued from that stage
+  recorded["model"].pop("init_from")
+  assert shipped == recorded  # the shipped model is this run
+
+
+def _held_out(tokenizer, task, n):
+  source = SyntheticRecords(((task, 1.0),), 4242, n, 1024, 16, 64, None,
+                            lambda text: len(tokenizer.encode(text)), 100000)
+  return [source[i] for i in range(n)]
+
+
+def test_shipped_model_has_not_regressed():
+  loaded = msa_jax.load(MODEL)
   tok = loaded.tokenizer
-  records = [generate("fact_lookup", 1000, i, memory_tokens=1024, max_doc_tokens=96,
-                      length_fn=lambda t: len(tok.encode(t))) for i in range(2)]
-  result = evaluate(loaded.model, loaded.params, tok, records,
-                    EvalShapes(seq_len_mem=1024, max_docs=64, seq_len_prompt=256,
-                               max_new_tokens=6), batch_size=2)
-  summary = result["summary"]
-  assert summary["records"] == 2
-  for key, value in summary.items():
-    if key != "records":
-      assert 0.0 <= value <= 1.0, key
-  for rec in result["records"]:  # recall@16 over <= 16 documents is 1 by definition
-    n_docs = len(records[result["records"].index(rec)].documents)
-    if n_docs <= 16:
-      assert rec["recall@16/layer5"] == 1.0
-    assert rec["pred_ids"] == list(parse_ids(rec["written"]))
+  facts = probe(loaded.model, loaded.params, tok, _held_out(tok, "fact_lookup", 16),
+                batch_size=16)["metrics"]["normal"]["answer"]
+  assert facts["format"]["accuracy"] == 1.0
+  assert facts["answer"]["accuracy"] >= 0.30
+  assert facts["answer"]["mean_logprob"] >= -2.30
+  chains = probe(loaded.model, loaded.params, tok, _held_out(tok, "multi_hop", 8), batch_size=16)
+  assert chains["metrics"]["normal"]["answer"]["answer"]["mean_logprob"] >= -2.30
+  assert min(chains["router_recall@1"]["retrieval"].values()) >= 0.90
 
 
 def test_evaluation_killed_midway_resumes_from_its_log(tmp_path):

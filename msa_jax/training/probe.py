@@ -42,7 +42,7 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample, build_batch, build_memory_batch
 from msa_jax.data.records import Record
 from msa_jax.data.tokenizer import Tokenizer
-from msa_jax.data.transcript import num_steps, record_step_sample
+from msa_jax.data.transcript import num_steps, record_step_sample, retrieval_context
 from msa_jax.model import entry_points
 from msa_jax.model.forced_view import ForcedView
 from msa_jax.model.memory_view import MemoryView
@@ -103,10 +103,10 @@ def append_gold_text(record: Record, step: int, sample: Sample, tokenizer: Token
   if step == len(record.hops):
     return sample
   entries = [(record.doc_ids[i], record.documents[i]) for i in record.hops[step]]
-  extra = list(tokenizer.encode(pf.injected_documents(entries)))
-  extra += tokenizer.encode(pf.injection_end())
-  return dataclasses.replace(sample, context=list(sample.context) + extra,
-                             context_route=list(sample.context_route) + [False] * len(extra))
+  extra = retrieval_context([((), entries)], tokenizer)
+  return dataclasses.replace(sample, context=list(sample.context) + extra.ids,
+                             context_route=list(sample.context_route) + [False] * len(extra.ids),
+                             context_target=list(sample.context_target) + extra.injected)
 
 
 def class_grid(sample: Sample, classes: np.ndarray, seq_len: int) -> np.ndarray:
