@@ -91,8 +91,10 @@ def _appended_independently(record, step, sample):
     return sample
   text = "".join(f"[{record.doc_ids[i]}]. {record.documents[i]}\n" for i in record.hops[step])
   extra = TOKENIZER.encode(text + "<|object_ref_end|>")
+  injected = [True] * (len(extra) - 1) + [False]  # the closing delimiter is not document text
   return dataclasses.replace(sample, context=list(sample.context) + extra,
-                             context_route=list(sample.context_route) + [False] * len(extra))
+                             context_route=list(sample.context_route) + [False] * len(extra),
+                             context_target=list(sample.context_target) + injected)
 
 
 def _oracle_class(label_text, kind, index, prefix_len):
