@@ -1,10 +1,11 @@
-"""The memory demo: single-hop and multi-hop questions asked of synthetic memories from 16K to about
-1M tokens with the shipped tiny model; prints every question's retrieval rounds and answer, then a
-table of memory size vs accuracy, saved as JSON and PNG.
+"""The memory demo: single-hop and multi-hop questions asked of no memory (the baseline) and of
+synthetic memories of 16K and 64K tokens with the shipped tiny model; prints every question's
+retrieval rounds and answer, then a table of memory size vs accuracy, saved as JSON and PNG.
 
-  python experiments/demo.py                              # 16K, 64K, 256K, 1M tokens
-  python experiments/demo.py --memory_tokens=4194304      # up to 4M
-  python experiments/demo.py --memory_tokens=65536 --num_single=2 --num_multi=1   # a quick look
+  python experiments/demo.py                                       # ~1 minute on 2 CPU cores
+  python experiments/demo.py --memory_tokens=1048576 --sizes=16384,65536,262144   # 16K to 1M
+  python experiments/demo.py --num_single=32 --num_multi=16        # finer accuracy
+  python experiments/demo.py --router_only                         # retrieve by router score
 """
 
 import os
@@ -20,17 +21,25 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", os.path.join(_ROOT, "models", "tiny_msa"),
                                   "Trained msa_jax checkpoint (with its tokenizer.json).")
-_MEMORY = flags.DEFINE_integer("memory_tokens", 1 << 20, "The largest memory, in tokens.")
-_SIZES = flags.DEFINE_list("sizes", ["16384", "65536", "262144"], "Smaller memory sizes to "
-                           "compare (those above --memory_tokens are dropped).")
-_SINGLE = flags.DEFINE_integer("num_single", 8, "Single-hop (fact lookup) questions.")
-_MULTI = flags.DEFINE_integer("num_multi", 4, "Multi-hop (2-4 step chain) questions.")
+_MEMORY = flags.DEFINE_integer("memory_tokens", max(DemoSettings.sizes),
+                               "The largest memory, in tokens.")
+_SIZES = flags.DEFINE_list("sizes", [str(s) for s in sorted(DemoSettings.sizes)[:-1]],
+                           "Smaller memory sizes to compare (those above --memory_tokens are "
+                           "dropped).")
+_SINGLE = flags.DEFINE_integer("num_single", DemoSettings.num_single,
+                               "Single-hop (fact lookup) questions.")
+_MULTI = flags.DEFINE_integer("num_multi", DemoSettings.num_multi,
+                              "Multi-hop (2-4 step chain) questions.")
+_MAX_DOC = flags.DEFINE_integer("max_doc_tokens", DemoSettings.max_doc_tokens,
+                                "Longest synthetic document, in tokens (the shortest is "
+                                f"{DemoSettings.min_doc_tokens}).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and memories.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question stops.")
 _ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of the ids "
                                  "the model writes (models not trained to write ids).")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "Questions per prefill (routing over the bank holds "
-                               "a [batch, prompt, chunks] score array: mind the memory).")
+_BATCH = flags.DEFINE_integer("batch_size", DemoSettings.batch_size, "Questions per prefill "
+                              "(routing over the bank holds a [batch, prompt, chunks] score array: "
+                              "mind the memory).")
 _DEVICES = flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded over "
                                 "(default: all).")
 _OUT = flags.DEFINE_string("out", "/tmp/msa_demo", "Output directory (demo.json, demo.png; banks "
@@ -47,7 +56,7 @@ def main(argv):
     raise app.UsageError(f"--sizes must be integers, got {_SIZES.value}") from None
   loaded = msa_jax.load(_CHECKPOINT.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
-                          seed=_SEED.value,
+                          seed=_SEED.value, max_doc_tokens=_MAX_DOC.value,
                           interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value,
                                                       router_only=_ROUTER_ONLY.value),
                           batch_size=_BATCH.value, memory_devices=_DEVICES.value)

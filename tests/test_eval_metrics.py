@@ -55,6 +55,15 @@ def test_summary_means_per_task():
     metrics.summarize([])
 
 
+def test_no_gold_ids_leave_retrieval_unscored():
+  row = {"task": "a", **metrics.score_answer("pizza", "pizza", [3], [])}
+  assert row["exact_match"] == 1.0
+  assert all(row[k] is None for k in metrics.RETRIEVAL_METRICS)
+  summary = metrics.summarize([row])
+  assert summary["all"]["exact_match"] == 1.0
+  assert not set(metrics.RETRIEVAL_METRICS) & set(summary["all"])
+
+
 def test_parse_score():
   assert judgelib.parse_score("4") == 4
   assert judgelib.parse_score("Score: 5/5") == 5

@@ -1,6 +1,7 @@
 """The generation binaries end to end on the shipped tiny model (generate, eval, demo on a tiny
-memory), the synthetic demo memory's invariants, and clear errors for bad input: an empty query
-file, a bank encoded by another model, a question longer than the model takes."""
+memory with its no-memory baseline), the synthetic demo memory's invariants, the demo's table and
+chart, and clear errors for bad input: an empty query file, a bank encoded by another model, a
+question longer than the model takes."""
 
 import dataclasses
 import json
@@ -13,7 +14,8 @@ import jax
 import pytest
 
 import msa_jax
-from msa_jax.inference import metrics, synthetic_memory
+from msa_jax.inference import memory_demo, metrics, synthetic_memory
+from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.serving import open_server
 from msa_jax.memory import BankError
 from msa_jax.memory.corpus import Document
@@ -149,17 +151,64 @@ def test_eval_keeps_its_answers_when_the_judge_is_down(bank, query_file, memory,
 
 def test_demo_binary_on_a_tiny_memory(tmp_path):
   result = _run("demo.py", "--memory_tokens=2048", "--sizes=", "--num_single=1",
-                "--num_multi=1", "--max_rounds=1", "--memory_devices=1", f"--out={tmp_path}")
+                "--num_multi=1", "--max_rounds=1", "--max_doc_tokens=48", "--memory_devices=1",
+                f"--out={tmp_path}")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "demo.json").read_text())
-  assert (tmp_path / "demo.png").stat().st_size > 0
+  assert (tmp_path / "demo.png").read_bytes().startswith(b"\x89PNG")
+  assert report["settings"]["max_doc_tokens"] == 48
   assert [lv["label"] for lv in report["levels"]] == ["2K"]
   for lv in report["levels"]:
     assert lv["tokens"] <= lv["memory_tokens"] and len(lv["records"]) == 2
     for row in lv["records"]:
       assert f"{row['question']}\n" in result.stdout
-  assert "answer EM" in result.stdout and "retrieval acc" in result.stdout
+  # the baseline: the same questions over zero documents, so nothing is routed or injected
+  baseline = report["baseline"]
+  assert (baseline["label"], baseline["documents"], baseline["tokens"]) == ("none", 0, 0)
+  questions = [row["question"] for row in report["levels"][0]["records"]]
+  assert [row["question"] for row in baseline["records"]] == questions
+  for row in baseline["records"]:
+    assert row["gold_ids"] == [] and row["retrieval_exact"] is None
+    for r in row["rounds"]:
+      assert r["injected_ids"] == [] and all(layer["doc_ids"] == [] for layer in r["routing"])
+      assert r["ids"] == r["unknown_ids"]
+    assert f"[none] {row['task']}: {row['question']}\n" in result.stdout
+  assert set(baseline["summary"]["all"]) == {"n", "exact_match", "token_f1"}
+  assert report["retrieval"] == "generative retrieval (Memory Interleave, up to 1 round)"
+  table = result.stdout[result.stdout.index(report["retrieval"] + "\n"):]
+  lines = table.splitlines()
+  assert lines[1].split()[:5] == ["memory", "docs", "answer", "EM", "retrieval"]
+  em = f"{baseline['summary']['all']['exact_match']:.3f}"
+  assert lines[2].split()[:5] == ["none", "0", em, "-", "-"]
+  assert lines[3].split()[:2] == ["2K", str(report["levels"][0]["documents"])]
   assert not [p for p in os.listdir(tmp_path) if p.startswith("bank_")]  # banks removed
+
+
+def test_demo_chart_draws_the_baseline_and_names_the_retrieval(tmp_path, monkeypatch):
+  import matplotlib.figure  # pylint: disable=import-outside-toplevel
+  def level(label, tokens, em):
+    return {"label": label, "tokens": tokens, "documents": tokens // 64,
+            "summary": {"all": {"n": 4, "exact_match": em, "retrieval_exact": em,
+                                "retrieval_recall": em}}}
+  baseline = level("none", 0, 0.25)
+  baseline["summary"]["all"] = {"n": 4, "exact_match": 0.25}
+  mode = memory_demo.retrieval_mode(InterleaveConfig(router_only=True, router_docs=2))
+  report = {"retrieval": mode, "questions": 4, "baseline": baseline,
+            "levels": [level("16K", 1 << 14, 1.0), level("64K", 1 << 16, 0.75)]}
+  figures = []
+  save = matplotlib.figure.Figure.savefig
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                      lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+  json_path, png_path = memory_demo.write_report(report, str(tmp_path))
+  assert json.loads(open(json_path).read()) == report
+  assert open(png_path, "rb").read().startswith(b"\x89PNG")
+  (ax,) = figures[0].axes
+  (dashed,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+  assert dashed.get_label() == "answer EM, no memory" and list(dashed.get_ydata()) == [0.25] * 2
+  assert mode == "router-only retrieval (top 2 by router score, 1 round)"
+  assert mode in ax.get_title()
+  table = memory_demo.format_table(report).splitlines()
+  assert table[0] == mode and table[2].split() == ["none", "0", "0.250", "-", "-"]
 
 
 def test_empty_query_file_is_a_clear_error(bank, tmp_path):

@@ -1,12 +1,13 @@
 """The memory demo: one set of single-hop and multi-hop questions asked of synthetic memories of
-growing size (the paper's Figure 1 for our model).
+growing size (the paper's Figure 1 for our model), and of no memory at all.
 
 For every size the memory (`synthetic_memory.level`: the questions' gold documents plus
 distractors, shuffled, with fresh display ids) is encoded into its own bank, the questions are
 answered together by Memory Interleave over it, and each answer is scored: answer exact match, and
 retrieval accuracy (the ids the model wrote over all rounds are exactly the gold documents) with
-retrieval recall. The report holds every question's rounds, and a table of size vs accuracy that
-`write_report` saves as JSON and PNG.
+retrieval recall. The same questions asked of zero documents (`serving.open_empty_server`) are the
+baseline: answer EM there is what the model gets without its memory. The report holds every
+question's rounds, and a table of size vs accuracy that `write_report` saves as JSON and PNG.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ from msa_jax.memory.encode import encode_corpus
 
 COLUMNS = (("exact_match", "answer EM"), ("retrieval_exact", "retrieval acc"),
            ("retrieval_recall", "retrieval recall"))
+NO_MEMORY = "none"  # the baseline's label
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  sizes: tuple[int, ...] = (1 << 14, 1 << 16, 1 << 18, 1 << 20)
+  sizes: tuple[int, ...] = (1 << 14, 1 << 16)  # with the baseline, ~1 minute on 2 CPU cores
   num_single: int = 8
   num_multi: int = 4
   seed: int = 0
   min_doc_tokens: int = 16
-  max_doc_tokens: int = 512
+  max_doc_tokens: int = 64  # 16-64: the document lengths the shipped model is retrained on
   interleave: InterleaveConfig = InterleaveConfig()
   row_tokens: int = 1024
   batch_rows: int = 16
@@ -53,7 +55,16 @@ def _label(tokens: int) -> str:
   return str(tokens)
 
 
-def _describe(size: int, query: Query, row: dict) -> str:
+def retrieval_mode(config: InterleaveConfig) -> str:
+  """Which retrieval answered, for the table and the chart."""
+  rounds = lambda n: f"{n} round" + "s" * (n != 1)
+  if config.router_only:
+    return (f"router-only retrieval (top {config.router_docs} by router score, "
+            f"{rounds(config.router_rounds)})")
+  return f"generative retrieval (Memory Interleave, up to {rounds(config.max_rounds)})"
+
+
+def _describe(label: str, query: Query, row: dict) -> str:
   rounds = []
   for r in row["rounds"]:
     if r["phase"] == "retrieve":
@@ -62,17 +73,29 @@ def _describe(size: int, query: Query, row: dict) -> str:
       text += pf.END_OF_RETRIEVE if pf.END_OF_RETRIEVE in r["text"] else ""
       rounds.append(text or "(no ids)")
   mark = "right" if row["exact_match"] else "wrong"
-  return (f"[{_label(size)}] {query.task}: {query.question}\n"
+  return (f"[{label}] {query.task}: {query.question}\n"
           f"    retrieved per round: {' -> '.join(rounds) or '(none)'}   gold: "
           f"{list(query.gold_ids)}\n"
           f"    answer: {row['prediction']!r} ({mark}; expected {query.answer!r}, "
           f"{row['status']})")
 
 
+def _ask(server: serving.MemoryServer, queries: list[Query], settings: DemoSettings, label: str,
+         log: Callable[[str], None]) -> dict:
+  """Answers `queries` over the server's memory, logs each, and returns the scores and time."""
+  start = time.perf_counter()
+  result = qa_eval.evaluate(server.driver(settings.interleave), queries,
+                            batch_size=len(queries), log=None)
+  for q, row in zip(queries, result["records"]):
+    log(_describe(label, q, row))
+  return {"answer_s": time.perf_counter() - start, **result}
+
+
 def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
              log: Callable[[str], None] = print) -> dict:
-  """Builds, encodes and questions every memory size; returns the report (see the module doc).
-  Banks are written under `work_dir` and removed once evaluated."""
+  """Asks the questions of no memory, then builds, encodes and questions every memory size;
+  returns the report (see the module doc). Banks are written under `work_dir` and removed once
+  evaluated."""
   if loaded.tokenizer is None:
     raise ValueError("the demo needs the model's tokenizer")
   sizes = sorted(set(settings.sizes))
@@ -87,6 +110,11 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
       max_doc_tokens=settings.max_doc_tokens)
   log(f"built a pool of {len(pool.documents)} documents ({pool.num_gold} gold) for "
       f"{len(pool.questions)} questions in {time.perf_counter() - start:.1f} s")
+  log(f"no memory: the {len(pool.questions)} questions asked of 0 documents")
+  no_memory = serving.open_empty_server(loaded, max_batch=settings.batch_size, fixed_batch=True)
+  baseline = {"memory_tokens": 0, "label": NO_MEMORY, "documents": 0, "tokens": 0,
+              **_ask(no_memory, [Query(q.question, q.answer, (), q.task) for q in pool.questions],
+                     settings, NO_MEMORY, log)}
   os.makedirs(work_dir, exist_ok=True)
   levels = []
   for size in sizes:
@@ -104,35 +132,32 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
                  for q in memory.questions]
       server = serving.open_server(loaded, bank, memory_devices=settings.memory_devices,
                                    max_batch=settings.batch_size, fixed_batch=True)
-      t0 = time.perf_counter()
-      result = qa_eval.evaluate(server.driver(settings.interleave), queries,
-                                batch_size=len(queries), log=None)
-      answer_s = time.perf_counter() - t0
+      asked = _ask(server, queries, settings, _label(size), log)
     finally:
       shutil.rmtree(bank_dir, ignore_errors=True)
-    for q, row in zip(queries, result["records"]):
-      log(_describe(size, q, row))
     levels.append({"memory_tokens": size, "label": _label(size), "documents": len(memory.texts),
-                   "tokens": memory.tokens, "encode_s": encode_s, "answer_s": answer_s,
-                   "summary": result["summary"], "records": result["records"]})
+                   "tokens": memory.tokens, "encode_s": encode_s, **asked})
   return {"settings": {**dataclasses.asdict(settings), "sizes": sizes},
-          "questions": len(pool.questions), "seconds": time.perf_counter() - start,
-          "levels": levels}
+          "retrieval": retrieval_mode(settings.interleave), "questions": len(pool.questions),
+          "seconds": time.perf_counter() - start, "baseline": baseline, "levels": levels}
 
 
 def format_table(report: dict) -> str:
-  """Memory size vs accuracy, overall and per task."""
-  tasks = sorted({t for lv in report["levels"] for t in lv["summary"] if t != "all"})
+  """The retrieval mode, then memory size vs accuracy, overall and per task; the no-memory
+  baseline is the first row (it retrieves nothing, so its retrieval columns are "-")."""
+  levels = [report["baseline"]] + report["levels"]
+  tasks = sorted({t for lv in levels for t in lv["summary"] if t != "all"})
   header = ["memory", "docs"] + [name for _, name in COLUMNS] + [
       f"EM {t}" for t in tasks]
   rows = [header]
-  for lv in report["levels"]:
+  for lv in levels:
     s = lv["summary"]
     rows.append([lv["label"], str(lv["documents"])] +
-                [f"{s['all'].get(k, 0.0):.3f}" for k, _ in COLUMNS] +
+                [f"{s['all'][k]:.3f}" if k in s["all"] else "-" for k, _ in COLUMNS] +
                 [f"{s[t]['exact_match']:.3f} (n={s[t]['n']})" if t in s else "-" for t in tasks])
   widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-  return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+  return "\n".join([report["retrieval"]] + [
+      "  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows])
 
 
 def _plot(report: dict, path: str) -> None:
@@ -145,12 +170,14 @@ def _plot(report: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6.0, 4.0))
   for key, name in COLUMNS:
     ax.plot(x, [lv["summary"]["all"].get(key, 0.0) for lv in levels], marker="o", label=name)
+  ax.axhline(report["baseline"]["summary"]["all"]["exact_match"], color="gray", linestyle="--",
+             label="answer EM, no memory")
   ax.set_xscale("log", base=2)
   ax.set_xticks(x, [lv["label"] for lv in levels])
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel("memory size (tokens)")
   ax.set_ylabel("fraction of questions")
-  ax.set_title(f"Memory Interleave on synthetic memories ({report['questions']} questions)",
+  ax.set_title(f"Synthetic memories, {report['questions']} questions\n{report['retrieval']}",
                fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend()

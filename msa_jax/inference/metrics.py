@@ -52,17 +52,20 @@ def retrieval_prf(predicted: Iterable[int], gold: Iterable[int]) -> tuple[float,
 
 
 def score_answer(prediction: str, reference: str, predicted_ids: Sequence[int],
-                 gold_ids: Sequence[int]) -> dict[str, float]:
-  """Every metric of one question."""
+                 gold_ids: Sequence[int]) -> dict[str, float | None]:
+  """Every metric of one question. Without gold ids (a question asked of no memory) there is no
+  retrieval to score: its metrics are None, which `summarize` leaves out."""
+  answer = {"exact_match": exact_match(prediction, reference),
+            "token_f1": token_f1(prediction, reference)}
+  if not gold_ids:
+    return {**answer, **dict.fromkeys(RETRIEVAL_METRICS)}
   precision, recall, f1 = retrieval_prf(predicted_ids, gold_ids)
-  return {"exact_match": exact_match(prediction, reference),
-          "token_f1": token_f1(prediction, reference),
-          "retrieval_precision": precision, "retrieval_recall": recall, "retrieval_f1": f1,
-          "retrieval_exact": float(set(predicted_ids) == set(gold_ids))}
+  return {**answer, "retrieval_precision": precision, "retrieval_recall": recall,
+          "retrieval_f1": f1, "retrieval_exact": float(set(predicted_ids) == set(gold_ids))}
 
 
-METRICS = ("exact_match", "token_f1", "retrieval_precision", "retrieval_recall", "retrieval_f1",
-           "retrieval_exact")
+RETRIEVAL_METRICS = ("retrieval_precision", "retrieval_recall", "retrieval_f1", "retrieval_exact")
+METRICS = ("exact_match", "token_f1") + RETRIEVAL_METRICS
 
 
 def summarize(rows: Sequence[dict], keys: Sequence[str] = METRICS,
