@@ -6,12 +6,12 @@
 Prints a table (compile time, median step time, tokens/s, model TFLOP/s, MFU, peak device memory) and
 writes the JSON report plus a tokens/s bar chart (same name, .png). Modes: "forward" evaluates the
 training loss (LM + aux) without gradients; "train" is jax.value_and_grad of it w.r.t. the params. A
-mode that runs out of memory is reported as OOM. FLOP accounting: msa_jax/benchmarking.py.
+mode that runs out of memory is reported as OOM. FLOP accounting: benchmarks/forward.py.
 """
 
 from absl import app, flags
 
-from msa_jax import benchmarking
+from benchmarks import common, forward
 from msa_jax import config as cfglib
 from msa_jax.cli import quiet_library_logs, run
 
@@ -27,7 +27,7 @@ _REMAT = flags.DEFINE_enum("remat", "none", list(cfglib.REMAT_POLICIES), "Layer 
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Run layer blocks as nn.scan.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", list(cfglib.DTYPES),
                                  "Parameter dtype (compute is bfloat16).")
-_MODES = flags.DEFINE_list("modes", list(benchmarking.MODES), "Modes: forward, train.")
+_MODES = flags.DEFINE_list("modes", list(forward.MODES), "Modes: forward, train.")
 _QUESTION_LEN = flags.DEFINE_integer("question_len", 64, "Route (question) tokens per prompt, at "
                                      "most half of the prompt after the template head.")
 _ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "blockwise", ["blockwise", "reference"],
@@ -43,16 +43,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
   try:
-    settings = benchmarking.BenchSettings(
+    settings = forward.BenchSettings(
         preset=_PRESET.value, seq_len_mem=_SEQ_LEN_MEM.value, doc_len=_DOC_LEN.value,
         seq_len_prompt=_SEQ_LEN_PROMPT.value, batch=_BATCH.value, steps=_STEPS.value,
         warmup=_WARMUP.value, remat=_REMAT.value, scan_layers=_SCAN_LAYERS.value,
         param_dtype=_PARAM_DTYPE.value, modes=tuple(_MODES.value),
         question_len=_QUESTION_LEN.value, attention_impl=_ATTENTION_IMPL.value,
         ce_chunk_size=_CE_CHUNK_SIZE.value, seed=_SEED.value)
-  except benchmarking.BenchError as e:
+  except common.BenchError as e:
     raise app.UsageError(str(e)) from e
-  report = benchmarking.run_and_report(settings, _OUTPUT.value or None)
+  report = forward.run_and_report(settings, _OUTPUT.value or None)
   if any(r["status"] == "error" for r in report["results"].values()):
     return 1
   return 0

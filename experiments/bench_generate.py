@@ -5,14 +5,14 @@
 
 Writes bench_generate.json and bench_generate.png into --out and prints a table. The memory is a
 bank view filled directly with random pooled keys/values at the model's shapes (nothing is
-encoded); weights are random. Method and floors: msa_jax/inference/benchmark.py.
+encoded); weights are random. Method and floors: benchmarks/generate.py.
 """
 
 from absl import app, flags
 
-from msa_jax import benchmarking
+from benchmarks import common
+from benchmarks import generate as benchmark
 from msa_jax.cli import quiet_library_logs, run
-from msa_jax.inference import benchmark
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny model and memories (runs on a CPU); the flags "
                            "below that are given explicitly still apply.")
@@ -50,7 +50,7 @@ def main(argv):
   try:
     settings = (benchmark.small_settings(**values) if _SMALL.value
                 else benchmark.GenerateBenchSettings(**values))
-  except (benchmarking.BenchError, ValueError) as e:
+  except (common.BenchError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   report = benchmark.run_and_report(settings, _OUT.value)
   return 1 if any(r["status"] != "ok" for r in report["results"]) else 0

@@ -1,5 +1,5 @@
 """Benchmarks the memory bank: exact sharded routing against its bandwidth floor, fetch per content
-tier, and encode throughput (msa_jax/memory/benchmark.py says what each part measures).
+tier, and encode throughput (benchmarks/memory.py says what each part measures).
 
   python experiments/bench_memory.py --out=/tmp/bench_memory            # msa-4b shape, 1M-100M tokens
   python experiments/bench_memory.py --small --out=/tmp/bench_memory    # tiny sizes (CPU smoke run)
@@ -10,9 +10,9 @@ and prints a table.
 
 from absl import app, flags
 
-from msa_jax import benchmarking
+from benchmarks import common
+from benchmarks import memory as benchmark
 from msa_jax.cli import quiet_library_logs, run
-from msa_jax.memory import benchmark
 
 _OUT = flags.DEFINE_string("out", "/tmp/msa_jax_bench/memory", "Output directory.")
 _SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for a CPU run (other flags then override).")
@@ -26,6 +26,9 @@ _ENCODE_TOKENS = flags.DEFINE_integer("encode_tokens", None, "Corpus size to enc
 _STEPS = flags.DEFINE_integer("steps", None, "Timed runs per measurement (median reported; 20).")
 _WARMUP = flags.DEFINE_integer("warmup", None, "Untimed runs after compilation (3).")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", common.repo_file("models", "tiny_msa", "tokenizer.json"),
+                                 "tokenizer.json for the encode part's corpus (default: the shipped "
+                                 "tiny model's, resolved from the repository root).")
 
 
 def main(argv):
@@ -38,12 +41,13 @@ def main(argv):
       ("batches", _BATCHES.value and tuple(int(x) for x in _BATCHES.value)),
       ("route_tokens", _ROUTE_TOKENS.value), ("tiers", _TIERS.value and tuple(_TIERS.value)),
       ("encode_preset", _ENCODE_PRESET.value), ("encode_tokens", _ENCODE_TOKENS.value),
-      ("steps", _STEPS.value), ("warmup", _WARMUP.value), ("seed", _SEED.value))
+      ("steps", _STEPS.value), ("warmup", _WARMUP.value), ("seed", _SEED.value),
+      ("tokenizer", _TOKENIZER.value))
       if value is not None}
   try:
     settings = (benchmark.small_settings(**overrides) if _SMALL.value
                 else benchmark.MemoryBenchSettings(**overrides))
-  except benchmarking.BenchError as e:
+  except common.BenchError as e:
     raise app.UsageError(str(e)) from e
   report = benchmark.run(settings, _OUT.value)  # writes the report after every part
   json_path, png_path = benchmark.write_report(report, _OUT.value)

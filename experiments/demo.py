@@ -8,18 +8,15 @@ retrieval rounds and answer, then a table of memory size vs accuracy, saved as J
   python experiments/demo.py --router_only                         # retrieve by router score
 """
 
-import os
-
 from absl import app, flags
 
 import msa_jax
+from benchmarks.common import repo_file
+from benchmarks.demo import DemoSettings, format_table, run_demo, write_report
 from msa_jax.cli import quiet_library_logs, run
 from msa_jax.inference.interleave import InterleaveConfig
-from msa_jax.inference.memory_demo import DemoSettings, format_table, run_demo, write_report
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_CHECKPOINT = flags.DEFINE_string("checkpoint", os.path.join(_ROOT, "models", "tiny_msa"),
+_CHECKPOINT = flags.DEFINE_string("checkpoint", repo_file("models", "tiny_msa"),
                                   "Trained msa_jax checkpoint (with its tokenizer.json).")
 _MEMORY = flags.DEFINE_integer("memory_tokens", max(DemoSettings.sizes),
                                "The largest memory, in tokens.")

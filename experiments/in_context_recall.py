@@ -9,7 +9,7 @@ import os
 
 from absl import app, flags
 
-from msa_jax.benchmarking import write_json_and_chart
+from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.cli import quiet_library_logs
 from msa_jax.training.in_context_recall import RecallSettings, chart, train
 

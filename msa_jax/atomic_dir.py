@@ -1,12 +1,14 @@
-"""Write a file or a directory completely or not at all: build it under a temporary sibling, rename
-at the end."""
+"""Write a file, a JSON report with its chart, or a directory completely or not at all: build it
+under a temporary sibling, rename at the end."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
+from typing import Any, Callable
 
 
 def temp_sibling_dir(path: str) -> str:
@@ -31,6 +33,37 @@ def atomic_write_text(path: str, text: str) -> None:
   except BaseException:
     _remove(tmp)
     raise
+
+
+def atomic_write_file(path: str, write: Callable[[str], Any]) -> str:
+  """Replaces the file `path` with what `write(tmp)` writes to a temporary sibling (which keeps the
+  extension, so a writer that infers the format from it, like matplotlib, still can)."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+                     f"{os.path.splitext(path)[1]}")
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    _remove(tmp)
+    raise
+  return path
+
+
+def write_json_and_chart(report: dict[str, Any], json_path: str, png_path: str,
+                         chart: Callable[[dict[str, Any], str], Any]) -> tuple[str, str]:
+  """A report as indented JSON and `chart(report, path)` as a PNG, each written whole or not at all
+  (the reports of the benchmarks, the demo and experiments/in_context_recall.py)."""
+
+  def dump(path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+      f.write("\n")
+
+  atomic_write_file(json_path, dump)
+  atomic_write_file(png_path, lambda tmp: chart(report, tmp))
+  return json_path, png_path
 
 
 @contextlib.contextmanager

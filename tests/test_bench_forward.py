@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from msa_jax import benchmarking as bench
+from benchmarks import forward as bench
 from msa_jax import config as cfglib
 
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from msa_jax import benchmarking
-from msa_jax.inference import benchmark
+from benchmarks import common
+from benchmarks import generate as benchmark
 
 
 def test_toy_benchmark_writes_json_and_chart(tmp_path):
@@ -30,9 +30,9 @@ def test_toy_benchmark_writes_json_and_chart(tmp_path):
 
 
 def test_bad_settings_fail_clearly():
-  with pytest.raises(benchmarking.BenchError, match="power of two"):
+  with pytest.raises(common.BenchError, match="power of two"):
     benchmark.GenerateBenchSettings(new_tokens=100)
-  with pytest.raises(benchmarking.BenchError, match="hold a document"):
+  with pytest.raises(common.BenchError, match="hold a document"):
     benchmark.GenerateBenchSettings(memory_tokens=(100,), doc_len=1024)
-  with pytest.raises(benchmarking.BenchError, match="no memory sizes"):
+  with pytest.raises(common.BenchError, match="no memory sizes"):
     benchmark.GenerateBenchSettings(memory_tokens=(), fill_max=False)

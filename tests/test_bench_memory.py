@@ -2,11 +2,12 @@
 the lead's table needs; bad settings fail clearly."""
 
 import json
+import os
 
 import pytest
 
-from msa_jax import benchmarking
-from msa_jax.memory import benchmark
+from benchmarks import common
+from benchmarks import memory as benchmark
 
 
 def test_small_run_writes_json_and_chart(tmp_path):
@@ -31,8 +32,15 @@ def test_small_run_writes_json_and_chart(tmp_path):
   assert "routing" in benchmark.format_table(saved) and any("encode" in s for s in lines)
 
 
-def test_bad_settings_fail_clearly():
-  with pytest.raises(benchmarking.BenchError, match="unknown tiers"):
+def test_bad_settings_fail_clearly(tmp_path):
+  with pytest.raises(common.BenchError, match="unknown tiers"):
     benchmark.MemoryBenchSettings(tiers=("disk",))
-  with pytest.raises(benchmarking.BenchError, match="doc_tokens"):
+  with pytest.raises(common.BenchError, match="doc_tokens"):
     benchmark.MemoryBenchSettings(doc_tokens=(64, 8))
+  with pytest.raises(common.BenchError, match="--tokenizer"):
+    benchmark.MemoryBenchSettings(tokenizer=str(tmp_path / "missing.json"))
+
+
+def test_default_tokenizer_is_found_from_any_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert os.path.isfile(benchmark.MemoryBenchSettings().tokenizer)

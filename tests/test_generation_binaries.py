@@ -14,7 +14,9 @@ import jax
 import pytest
 
 import msa_jax
-from msa_jax.inference import memory_demo, metrics, synthetic_memory
+from benchmarks import demo
+from msa_jax.data.synthetic import memory_pool
+from msa_jax.inference import metrics
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.serving import open_server
 from msa_jax.memory import BankError
@@ -38,9 +40,9 @@ def _length(loaded):
 
 @pytest.fixture(scope="module")
 def memory(loaded):
-  pool = synthetic_memory.build_pool(MEMORY_TOKENS, num_single=1, num_multi=1, seed=3,
+  pool = memory_pool.build_pool(MEMORY_TOKENS, num_single=1, num_multi=1, seed=3,
                                      length_fn=_length(loaded), max_doc_tokens=64)
-  return synthetic_memory.level(pool, MEMORY_TOKENS, seed=3, length_fn=_length(loaded))
+  return memory_pool.level(pool, MEMORY_TOKENS, seed=3, length_fn=_length(loaded))
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +75,9 @@ def _run(script, *args):
 
 def test_synthetic_memory_levels(loaded):
   length = _length(loaded)
-  pool = synthetic_memory.build_pool(8192, num_single=2, num_multi=2, seed=0, length_fn=length,
+  pool = memory_pool.build_pool(8192, num_single=2, num_multi=2, seed=0, length_fn=length,
                                      max_doc_tokens=128)
-  levels = synthetic_memory.levels(pool, [4096, 8192], seed=0, length_fn=length)
+  levels = memory_pool.levels(pool, [4096, 8192], seed=0, length_fn=length)
   small, large = levels
   gold_texts = [[pool.documents[i] for hop in q.hops for i in hop] for q in pool.questions]
   for level, size in zip(levels, (4096, 8192)):
@@ -90,7 +92,7 @@ def test_synthetic_memory_levels(loaded):
   assert [q.task for q in pool.questions] == ["fact_lookup"] * 2 + ["multi_hop"] * 2
   assert all(len(q.hops) >= 2 for q in pool.questions[2:])
   with pytest.raises(ValueError, match="cannot hold the"):
-    synthetic_memory.level(pool, 256, seed=0, length_fn=length)
+    memory_pool.level(pool, 256, seed=0, length_fn=length)
 
 
 def test_eval_and_generate_binaries(bank, query_file, memory, tmp_path):
@@ -192,14 +194,14 @@ def test_demo_chart_draws_the_baseline_and_names_the_retrieval(tmp_path, monkeyp
                                 "retrieval_recall": em}}}
   baseline = level("none", 0, 0.25)
   baseline["summary"]["all"] = {"n": 4, "exact_match": 0.25}
-  mode = memory_demo.retrieval_mode(InterleaveConfig(router_only=True, router_docs=2))
+  mode = demo.retrieval_mode(InterleaveConfig(router_only=True, router_docs=2))
   report = {"retrieval": mode, "questions": 4, "baseline": baseline,
             "levels": [level("16K", 1 << 14, 1.0), level("64K", 1 << 16, 0.75)]}
   figures = []
   save = matplotlib.figure.Figure.savefig
   monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
                       lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
-  json_path, png_path = memory_demo.write_report(report, str(tmp_path))
+  json_path, png_path = demo.write_report(report, str(tmp_path))
   assert json.loads(open(json_path).read()) == report
   assert open(png_path, "rb").read().startswith(b"\x89PNG")
   (ax,) = figures[0].axes
@@ -207,7 +209,7 @@ def test_demo_chart_draws_the_baseline_and_names_the_retrieval(tmp_path, monkeyp
   assert dashed.get_label() == "answer EM, no memory" and list(dashed.get_ydata()) == [0.25] * 2
   assert mode == "router-only retrieval (top 2 by router score, 1 round)"
   assert mode in ax.get_title()
-  table = memory_demo.format_table(report).splitlines()
+  table = demo.format_table(report).splitlines()
   assert table[0] == mode and table[2].split() == ["none", "0", "0.250", "-", "-"]
 
 

@@ -1,7 +1,7 @@
 """The memory demo: one set of single-hop and multi-hop questions asked of synthetic memories of
 growing size (the paper's Figure 1 for our model), and of no memory at all.
 
-For every size the memory (`synthetic_memory.level`: the questions' gold documents plus
+For every size the memory (`memory_pool.level`: the questions' gold documents plus
 distractors, shuffled, with fresh display ids) is encoded into its own bank, the questions are
 answered together by Memory Interleave over it, and each answer is scored: answer exact match, and
 retrieval accuracy (the ids the model wrote over all rounds are exactly the gold documents) with
@@ -19,10 +19,11 @@ import tempfile
 import time
 from typing import Callable
 
-from msa_jax import benchmarking
+from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.api import LoadedModel
 from msa_jax.data import prompt_format as pf
-from msa_jax.inference import qa_eval, serving, synthetic_memory
+from msa_jax.data.synthetic import memory_pool
+from msa_jax.inference import qa_eval, serving
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.queries import Query
 from msa_jax.memory.corpus import Document
@@ -104,7 +105,7 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
   tokenizer = loaded.tokenizer
   length = lambda text: len(tokenizer.encode(text))
   start = time.perf_counter()
-  pool = synthetic_memory.build_pool(
+  pool = memory_pool.build_pool(
       sizes[-1], num_single=settings.num_single, num_multi=settings.num_multi,
       seed=settings.seed, length_fn=length, min_doc_tokens=settings.min_doc_tokens,
       max_doc_tokens=settings.max_doc_tokens)
@@ -118,7 +119,7 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
   os.makedirs(work_dir, exist_ok=True)
   levels = []
   for size in sizes:
-    memory = synthetic_memory.level(pool, size, seed=settings.seed, length_fn=length)
+    memory = memory_pool.level(pool, size, seed=settings.seed, length_fn=length)
     log(f"memory {_label(size)}: {len(memory.texts)} documents, {memory.tokens} tokens; encoding")
     bank_dir = tempfile.mkdtemp(prefix=f"bank_{_label(size)}_", dir=work_dir)
     try:
@@ -188,5 +189,5 @@ def _plot(report: dict, path: str) -> None:
 
 def write_report(report: dict, out_dir: str) -> tuple[str, str]:
   """`demo.json` and `demo.png` in `out_dir`."""
-  return benchmarking.write_json_and_chart(report, os.path.join(out_dir, "demo.json"),
-                                           os.path.join(out_dir, "demo.png"), _plot)
+  return write_json_and_chart(report, os.path.join(out_dir, "demo.json"),
+                              os.path.join(out_dir, "demo.png"), _plot)

@@ -12,7 +12,7 @@ fetch time per content tier, and encode throughput.
             device, pinned_host (random content of the model's shape and dtype) and tensorstore (the
             bank the encode step wrote, read through `Bank.read_rows`).
   encode    `msa_jax.memory.encode.encode_corpus` of a random-text corpus with random weights:
-            tokens/s and MFU (model FLOPs of the memory stream as `benchmarking.model_flops` counts
+            tokens/s and MFU (model FLOPs of the memory stream as `forward.model_flops` counts
             them, over the time after the first batch, which includes compilation).
 
 A size or tier that does not fit is recorded as "OOM" and the rest still runs. Timing: each program
@@ -36,14 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from msa_jax import benchmarking
+from benchmarks import common, forward
 from msa_jax import config as cfglib
+from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.memory import routing, tiers
 from msa_jax.memory.routing import MEMORY_AXIS
 from msa_jax.model import router
 
-_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "models", "tiny_msa",
-                          "tokenizer.json")
 _WORDS = ("alpha beta gamma delta river stone cloud fire water moon north south light shadow "
           "garden tower bridge market winter summer").split()
 
@@ -66,23 +65,26 @@ class MemoryBenchSettings:
   steps: int = 20
   warmup: int = 3
   seed: int = 0
-  tokenizer: str = _TOKENIZER
+  # the encode part's tokenizer (any will do: the corpus is random words)
+  tokenizer: str = dataclasses.field(
+      default_factory=lambda: common.repo_file("models", "tiny_msa", "tokenizer.json"))
 
   def __post_init__(self):
     for name in ("memory_tokens", "batches", "tiers"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     bad = [t for t in self.tiers if t not in tiers.TIERS]
     if bad:
-      raise benchmarking.BenchError(f"unknown tiers {bad}; expected some of {tiers.TIERS}")
+      raise common.BenchError(f"unknown tiers {bad}; expected some of {tiers.TIERS}")
     low, high = self.doc_tokens
     if not 0 < low <= high:
-      raise benchmarking.BenchError(f"doc_tokens must be 0 < min <= max, got {self.doc_tokens}")
+      raise common.BenchError(f"doc_tokens must be 0 < min <= max, got {self.doc_tokens}")
     for name in ("route_tokens", "fetch_memory_tokens", "encode_tokens", "encode_row_tokens",
                  "encode_batch_rows", "copy_bytes", "matmul_size", "steps"):
       if getattr(self, name) <= 0:
-        raise benchmarking.BenchError(f"{name} must be positive, got {getattr(self, name)}")
+        raise common.BenchError(f"{name} must be positive, got {getattr(self, name)}")
     if not self.memory_tokens or min(self.memory_tokens) <= 0 or not self.batches:
-      raise benchmarking.BenchError("memory_tokens and batches must be non-empty and positive")
+      raise common.BenchError("memory_tokens and batches must be non-empty and positive")
+    common.require_file(self.tokenizer, "tokenizer")  # up front, not after the routing part
 
 
 def small_settings(**overrides) -> MemoryBenchSettings:
@@ -143,7 +145,7 @@ def random_documents(rng: np.random.Generator, total_tokens: int, doc_tokens, ch
 
 
 def _status(error: BaseException) -> dict[str, Any]:
-  return {"status": "OOM" if benchmarking.is_oom(error) else "error",
+  return {"status": "OOM" if common.is_oom(error) else "error",
           "error": f"{type(error).__name__}: {str(error)[:1000]}"}
 
 
@@ -325,18 +327,18 @@ def bench_encode(settings, out_dir: str, progress):
       continue
     texts.append(text)
     lengths.append(n)
-  params, _ = benchmarking.init_params(model, settings.seed)
+  params, _ = forward.init_params(model, settings.seed)
   path = os.path.join(out_dir, "encoded_bank")
   if os.path.exists(path):
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(path)
   stats = encode_corpus(model, params, tok, texts, path, batch_rows=settings.encode_batch_rows,
                         row_tokens=settings.encode_row_tokens, log=progress, progress_every_s=5.0)
-  work = benchmarking.Workload(batch=1, doc_lengths=tuple(lengths), seq_len_prompt=0,
+  work = forward.Workload(batch=1, doc_lengths=tuple(lengths), seq_len_prompt=0,
                                template_len=0, question_len=0)
-  flops = benchmarking.model_flops(model_cfg, model.msa, work, "forward")
+  flops = forward.model_flops(model_cfg, model.msa, work, "forward")
   encode_flops = flops["dense_memory"] + flops["attention_memory"]
-  peak = benchmarking.peak_bf16_flops(jax.devices()[0].device_kind)
+  peak = common.peak_bf16_flops(jax.devices()[0].device_kind)
   steady = stats.steady_tokens_per_second
   per_token = encode_flops / sum(lengths)
   del params
@@ -461,5 +463,5 @@ def write_chart(report: dict[str, Any], path: str) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str) -> tuple[str, str]:
   """bench_memory.json and bench_memory.png in `out_dir`."""
-  return benchmarking.write_json_and_chart(report, os.path.join(out_dir, "bench_memory.json"),
-                                           os.path.join(out_dir, "bench_memory.png"), write_chart)
+  return write_json_and_chart(report, os.path.join(out_dir, "bench_memory.json"),
+                              os.path.join(out_dir, "bench_memory.png"), write_chart)

@@ -30,7 +30,7 @@ implementation happens to do (it scores every chunk slot and masks; that is not 
             model work and is not counted)
 
 This is "2·N·tokens / 6·N·tokens on the dense parts" with N split by which tokens each matrix sees.
-MFU = model FLOPs per step / median step time / the device's dense bf16 peak (`PEAK_BF16_FLOPS`).
+MFU = model FLOPs per step / median step time / the device's dense bf16 peak (`common.PEAK_BF16_FLOPS`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
-import math
 import os
 import statistics
 import time
@@ -51,35 +49,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import (BenchError, count_params, is_oom, memory_stats, peak_bf16_flops,
+                               tree_bytes)
 from msa_jax import config as cfglib
 from msa_jax.config import ModelConfig, MSAConfig
 from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.model.model import MSAForCausalLM
+from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.training.objective import loss_and_metrics
 
 MODES = ("forward", "train")
-
-# Dense (no sparsity) bf16 peak FLOP/s per chip, matched against `device.device_kind` by substring,
-# the first match winning (so the specific spellings come first).
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),   # SXM; "NVIDIA H100 80GB HBM3"
-    ("H200", 989e12),   # the H100 compute die with more, faster memory
-    ("H800", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-)
-
-
-class BenchError(ValueError):
-  """The benchmark settings cannot form a valid workload."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,14 +179,6 @@ def model_flops(model: ModelConfig, msa: MSAConfig, work: Workload, mode: str) -
   return out
 
 
-def peak_bf16_flops(device_kind: str) -> float | None:
-  """The dense bf16 peak of one chip of this kind, or None when unknown (CPU included)."""
-  for key, value in PEAK_BF16_FLOPS:
-    if key.lower() in device_kind.lower():
-      return value
-  return None
-
-
 # --------------------------------------------------------------------------- batch and parameters
 
 
@@ -248,14 +219,6 @@ def init_params(model: MSAForCausalLM, seed: int = 0):
   return init(key), abstract
 
 
-def count_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-def tree_bytes(tree) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 # --------------------------------------------------------------------------- timing
 
 
@@ -270,20 +233,6 @@ def step_function(model: MSAForCausalLM, mode: str, ce_chunk_size: int) -> Calla
   if mode == "train":
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
   raise BenchError(f"unknown mode {mode!r}")
-
-
-def is_oom(error: BaseException) -> bool:
-  text = str(error)
-  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
-                                 "OutOfMemory", "Resource exhausted"))
-
-
-def memory_stats(device) -> dict[str, int] | None:
-  try:
-    stats = device.memory_stats()
-  except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-    return None
-  return dict(stats) if stats else None
 
 
 def _compiled_memory(compiled) -> dict[str, int] | None:
@@ -511,30 +460,6 @@ def write_chart(report: dict[str, Any], path: str) -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
-
-
-def write_json_and_chart(report: dict[str, Any], json_path: str, png_path: str,
-                         chart: Callable[[dict[str, Any], str], Any]) -> tuple[str, str]:
-  """The report as JSON and `chart(report, path)` as a PNG, each written to a temporary name in
-  the same directory and renamed, so a reader never sees half a file."""
-  os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-  writers = ((json_path, lambda tmp: _dump_json(report, tmp)),
-             (png_path, lambda tmp: chart(report, tmp)))
-  for path, write in writers:
-    tmp = f"{path}.tmp.{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-      write(tmp)
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-  return json_path, png_path
-
-
-def _dump_json(report: dict[str, Any], path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(report, f, indent=2)
-    f.write("\n")
 
 
 def write_report(report: dict[str, Any], json_path: str) -> tuple[str, str]:

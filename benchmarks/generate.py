@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from msa_jax import benchmarking
+from benchmarks import common, forward
+from benchmarks.memory import copy_bandwidth
+from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.inference.engine import Engine
 from msa_jax.inference.requests import Request, SamplingConfig
 from msa_jax.memory import bank_view, routing
 from msa_jax.model.model import MSAForCausalLM
-from msa_jax.memory.benchmark import copy_bandwidth
 from msa_jax.sharding import make_mesh
 
 
@@ -65,19 +66,19 @@ class GenerateBenchSettings:
     object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
     for name in ("doc_len", "prompt_len", "question_len", "new_tokens", "repeats"):
       if getattr(self, name) <= 0:
-        raise benchmarking.BenchError(f"{name} must be positive, got {getattr(self, name)}")
+        raise common.BenchError(f"{name} must be positive, got {getattr(self, name)}")
     if not self.batches or min(self.batches) <= 0:
-      raise benchmarking.BenchError(f"batches must be positive, got {self.batches}")
+      raise common.BenchError(f"batches must be positive, got {self.batches}")
     if not self.memory_tokens and not self.fill_max:
-      raise benchmarking.BenchError("no memory sizes: give memory_tokens or fill_max")
+      raise common.BenchError("no memory sizes: give memory_tokens or fill_max")
     if any(t < self.doc_len for t in self.memory_tokens):
-      raise benchmarking.BenchError(f"every memory size must hold a document of {self.doc_len} "
-                                    f"tokens, got {self.memory_tokens}")
+      raise common.BenchError(f"every memory size must hold a document of {self.doc_len} "
+                              f"tokens, got {self.memory_tokens}")
     if self.new_tokens & (self.new_tokens - 1):
-      raise benchmarking.BenchError(f"new_tokens must be a power of two (the engine's bucket), "
-                                    f"got {self.new_tokens}")
+      raise common.BenchError(f"new_tokens must be a power of two (the engine's bucket), "
+                              f"got {self.new_tokens}")
     if not 0 < self.max_fraction <= 1:
-      raise benchmarking.BenchError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
+      raise common.BenchError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
 
 
 # --------------------------------------------------------------------------- the random memory
@@ -122,7 +123,7 @@ def random_view(model, msa, memory_tokens: int, doc_len: int, seed: int):
 def max_memory_tokens(model, msa, params_bytes: int, settings: GenerateBenchSettings) -> int | None:
   """The largest memory (whole documents) whose view fits `max_fraction` of the free device memory
   left after the weights; None where the backend does not report its memory (CPU)."""
-  stats = benchmarking.memory_stats(jax.devices()[0])
+  stats = common.memory_stats(jax.devices()[0])
   if not stats or "bytes_limit" not in stats:
     return None
   free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
@@ -204,24 +205,24 @@ def _print(line: str) -> None:
 
 def run_benchmark(settings: GenerateBenchSettings,
                   progress: Callable[[str], None] = _print) -> dict[str, Any]:
-  model_cfg, msa_cfg = benchmarking.model_configs(
-      benchmarking.BenchSettings(preset=settings.preset, param_dtype="bfloat16"))
+  model_cfg, msa_cfg = forward.model_configs(
+      forward.BenchSettings(preset=settings.preset, param_dtype="bfloat16"))
   if settings.prompt_len <= msa_cfg.template_len:
-    raise benchmarking.BenchError(f"prompt_len must exceed the template head "
-                                  f"({msa_cfg.template_len})")
+    raise common.BenchError(f"prompt_len must exceed the template head "
+                            f"({msa_cfg.template_len})")
   model = MSAForCausalLM(model_cfg, msa_cfg)
   device = jax.devices()[0]
-  params, _ = benchmarking.init_params(model, settings.seed)
-  params_bytes = benchmarking.tree_bytes(params)
+  params, _ = forward.init_params(model, settings.seed)
+  params_bytes = common.tree_bytes(params)
   bandwidth = copy_bandwidth(min(2 << 30, max(1 << 24, params_bytes)), steps=10,
                              warmup=2)["bytes_per_s"]
-  peak = benchmarking.peak_bf16_flops(device.device_kind)
-  progress(f"{settings.preset}: {benchmarking.count_params(params) / 1e9:.3f}B params on "
+  peak = common.peak_bf16_flops(device.device_kind)
+  progress(f"{settings.preset}: {common.count_params(params) / 1e9:.3f}B params on "
            f"{device.device_kind}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
   report = {
       "benchmark": "generate", "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "jax_version": jax.__version__, "platform": device.platform,
-      "device_kind": device.device_kind, "num_params": benchmarking.count_params(params),
+      "device_kind": device.device_kind, "num_params": common.count_params(params),
       "params_bytes": params_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
       "peak_bf16_flops": peak, "flags": dataclasses.asdict(settings),
       "view_bytes_per_token": view_bytes_per_token(model_cfg, msa_cfg), "results": []}
@@ -265,10 +266,10 @@ def _one_memory(model, params, params_bytes, tokens, settings, rng, bandwidth, p
         entry.update(time_generation(engine, random_requests(rng, c.vocab_size, m, batch, settings),
                                      settings, progress, f"{label} batch {batch}"))
       except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
-        if not benchmarking.is_oom(e):
+        if not common.is_oom(e):
           raise
         entry.update(status="OOM", error=str(e).splitlines()[0][:300])
-      stats = benchmarking.memory_stats(jax.devices()[0])
+      stats = common.memory_stats(jax.devices()[0])
       entry["peak_bytes_in_use"] = stats.get("peak_bytes_in_use") if stats else None
       out.append(entry)
       if entry["status"] == "ok":
@@ -277,7 +278,7 @@ def _one_memory(model, params, params_bytes, tokens, settings, rng, bandwidth, p
                  f" tokens/s ({entry['decode_step_s'] * 1e3:.2f} ms/step, floor "
                  f"{entry['decode_step_floor_s'] * 1e3:.2f})")
   except Exception as e:  # noqa: BLE001
-    if not benchmarking.is_oom(e):
+    if not common.is_oom(e):
       raise
     out = [{"memory_tokens": tokens, "batch": b, "status": "OOM",
             "error": str(e).splitlines()[0][:300]} for b in settings.batches]
@@ -342,8 +343,8 @@ def write_chart(report: dict[str, Any], path: str) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str) -> tuple[str, str]:
   """bench_generate.json and bench_generate.png in `out_dir`."""
-  return benchmarking.write_json_and_chart(report, os.path.join(out_dir, "bench_generate.json"),
-                                           os.path.join(out_dir, "bench_generate.png"), write_chart)
+  return write_json_and_chart(report, os.path.join(out_dir, "bench_generate.json"),
+                              os.path.join(out_dir, "bench_generate.png"), write_chart)
 
 
 def small_settings(**overrides) -> GenerateBenchSettings:
