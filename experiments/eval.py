@@ -23,7 +23,7 @@ from absl import app, flags
 import msa_jax
 from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
-from msa_jax.inference import flags as serving_flags
+from msa_jax.inference.flags import define_serving_flags
 from msa_jax.inference.judge import Judge, JudgeError
 from msa_jax.inference.metrics import format_table
 from msa_jax.inference.qa_eval import evaluate
@@ -31,6 +31,7 @@ from msa_jax.inference.queries import check_against_memory, read_queries
 from msa_jax.inference.serving import open_server
 from msa_jax.jsonl_log import JsonlLog
 
+_SERVING = define_serving_flags()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
 _BANK = flags.DEFINE_string("bank", None, "Memory bank encoded from the queries' corpus.",
                             required=True)
@@ -72,7 +73,7 @@ def main(argv):
   quiet_library_logs()
   if bool(_JUDGE_URL.value) != bool(_JUDGE_MODEL.value):
     raise app.UsageError("the judge needs both --judge_url and --judge_model")
-  config = serving_flags.interleave_config()
+  config = _SERVING.interleave_config()
   judge = (Judge(_JUDGE_URL.value, _JUDGE_MODEL.value, api_key_env=_JUDGE_KEY_ENV.value)
            if _JUDGE_URL.value else None)
   _check_output_dir(_OUT.value)
@@ -88,7 +89,7 @@ def main(argv):
   queries = read_queries(_QUERIES.value, memory_file=_MEMORY_FILE.value,
                          allow_pickle=_ALLOW_PICKLE.value)
   loaded = msa_jax.load(_CHECKPOINT.value)
-  server = open_server(loaded, _BANK.value, **serving_flags.server_kwargs())
+  server = open_server(loaded, _BANK.value, **_SERVING.server_kwargs())
   check_against_memory(queries, server.bank)
   os.makedirs(_OUT.value, exist_ok=True)
   for name in _FILES if _OVERWRITE.value else ():

@@ -16,12 +16,13 @@ import msa_jax
 from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
 from msa_jax.data.records import RecordError
-from msa_jax.inference import flags as serving_flags
+from msa_jax.inference.flags import define_serving_flags
 from msa_jax.inference.greedy import greedy_generate
 from msa_jax.inference.queries import read_queries
 from msa_jax.inference.serving import open_server
 from msa_jax.text_files import utf8_lines
 
+_SERVING = define_serving_flags()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
 _BANK = flags.DEFINE_string("bank", None, "Memory bank (experiments/encode_memory.py) to ask.")
 _QUESTION = flags.DEFINE_multi_string("question", [], "A question (repeat for several).")
@@ -71,7 +72,7 @@ def main(argv):
       raise app.UsageError("pass --bank with --question/--questions_file, or --prompt")
   elif _PROMPT.value is not None:
     raise app.UsageError("--prompt is for generation without a bank; ask --question instead")
-  config = serving_flags.interleave_config()
+  config = _SERVING.interleave_config()
   questions = _questions() if _BANK.value else []
   loaded = msa_jax.load(_CHECKPOINT.value)
   if loaded.tokenizer is None:
@@ -79,7 +80,7 @@ def main(argv):
   if not _BANK.value:
     _plain(loaded)
     return
-  server = open_server(loaded, _BANK.value, **serving_flags.server_kwargs())
+  server = open_server(loaded, _BANK.value, **_SERVING.server_kwargs())
   results = server.driver(config).run(questions)
   for n, result in enumerate(results):
     print(f"Q{n}: {result.question}")

@@ -238,3 +238,16 @@ def test_question_longer_than_the_model_takes(bank):
                 "--question=" + "What is the food of Vamoel Fambow? " * 2000)
   assert result.returncode != 0
   assert "question 0" in result.stderr and "more than max_context_tokens" in result.stderr
+
+
+def test_serving_flags_are_defined_by_the_binary_not_on_import():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from msa_jax.inference import flags as serving_flags  # pylint: disable=import-outside-toplevel
+  assert "max_rounds" not in flags.FLAGS  # importing the module defined nothing
+  values = flags.FlagValues()
+  holders = serving_flags.define_serving_flags(values)
+  values(["prog", "--router_only", "--router_docs=3", "--tier=device", "--temperature=0.5"])
+  config = holders.interleave_config()
+  assert config.router_only and config.router_docs == 3
+  kwargs = holders.server_kwargs()
+  assert kwargs["tier"] == "device" and kwargs["sampling"].temperature == 0.5

@@ -1,44 +1,75 @@
 """absl flags shared by the binaries that answer questions over a bank (generate, eval): Memory
-Interleave, sampling and serving settings, defined once so the binaries agree."""
+Interleave, sampling and serving settings, defined once so the binaries agree.
+
+Importing this module defines nothing; a binary calls `define_serving_flags()` at its top level
+and reads the values through the returned `ServingFlags` after absl has parsed the command line."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from absl import flags
 
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.requests import SamplingConfig
 
-_DEFAULT = InterleaveConfig()
-_MAX_ROUNDS = flags.DEFINE_integer("max_rounds", _DEFAULT.max_rounds, "Retrieval rounds before a "
-                                   "question that keeps asking for documents is stopped.")
-_ROUND_TOKENS = flags.DEFINE_integer("round_tokens", _DEFAULT.round_tokens,
-                                     "New tokens allowed per retrieval round.")
-_ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", _DEFAULT.answer_tokens,
-                                      "New tokens allowed for the answer.")
-_ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of by the "
-                                 "ids the model writes (for models not trained to write ids).")
-_ROUTER_ROUNDS = flags.DEFINE_integer("router_rounds", _DEFAULT.router_rounds,
-                                      "Router-only mode: retrieval rounds.")
-_ROUTER_DOCS = flags.DEFINE_integer("router_docs", _DEFAULT.router_docs,
-                                    "Router-only mode: documents per round.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-_SEED = flags.DEFINE_integer("sampling_seed", 0, "Sampling seed.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Requests the engine runs together.")
-_TIER = flags.DEFINE_enum("tier", "auto", ["auto", "device", "pinned_host", "tensorstore"],
-                          "Where the bank's content K/V live while serving.")
-_DEVICES = flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded over "
-                                "(default: all).")
+
+@dataclasses.dataclass(frozen=True)
+class ServingFlags:
+  """The holders of the serving flags (values are read after parsing)."""
+
+  max_rounds: flags.FlagHolder
+  round_tokens: flags.FlagHolder
+  answer_tokens: flags.FlagHolder
+  router_only: flags.FlagHolder
+  router_rounds: flags.FlagHolder
+  router_docs: flags.FlagHolder
+  temperature: flags.FlagHolder
+  top_p: flags.FlagHolder
+  sampling_seed: flags.FlagHolder
+  max_batch: flags.FlagHolder
+  tier: flags.FlagHolder
+  memory_devices: flags.FlagHolder
+
+  def interleave_config(self) -> InterleaveConfig:
+    return InterleaveConfig(max_rounds=self.max_rounds.value, round_tokens=self.round_tokens.value,
+                            answer_tokens=self.answer_tokens.value,
+                            router_only=self.router_only.value,
+                            router_rounds=self.router_rounds.value,
+                            router_docs=self.router_docs.value)
+
+  def server_kwargs(self) -> dict:
+    """Keyword arguments of `serving.open_server`."""
+    return dict(tier=self.tier.value, max_batch=self.max_batch.value,
+                memory_devices=self.memory_devices.value,
+                sampling=SamplingConfig(temperature=self.temperature.value, top_p=self.top_p.value,
+                                        seed=self.sampling_seed.value))
 
 
-def interleave_config() -> InterleaveConfig:
-  return InterleaveConfig(max_rounds=_MAX_ROUNDS.value, round_tokens=_ROUND_TOKENS.value,
-                          answer_tokens=_ANSWER_TOKENS.value, router_only=_ROUTER_ONLY.value,
-                          router_rounds=_ROUTER_ROUNDS.value, router_docs=_ROUTER_DOCS.value)
-
-
-def server_kwargs() -> dict:
-  """Keyword arguments of `serving.open_server`."""
-  return dict(tier=_TIER.value, max_batch=_MAX_BATCH.value, memory_devices=_DEVICES.value,
-              sampling=SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                                      seed=_SEED.value))
+def define_serving_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ServingFlags:
+  """Defines the serving flags in `flag_values` (once per binary) and returns their holders."""
+  default = InterleaveConfig()
+  fv = dict(flag_values=flag_values)
+  return ServingFlags(
+      max_rounds=flags.DEFINE_integer("max_rounds", default.max_rounds, "Retrieval rounds before a "
+                                      "question that keeps asking for documents is stopped.", **fv),
+      round_tokens=flags.DEFINE_integer("round_tokens", default.round_tokens,
+                                        "New tokens allowed per retrieval round.", **fv),
+      answer_tokens=flags.DEFINE_integer("answer_tokens", default.answer_tokens,
+                                         "New tokens allowed for the answer.", **fv),
+      router_only=flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of by "
+                                    "the ids the model writes (for models not trained to write "
+                                    "ids).", **fv),
+      router_rounds=flags.DEFINE_integer("router_rounds", default.router_rounds,
+                                         "Router-only mode: retrieval rounds.", **fv),
+      router_docs=flags.DEFINE_integer("router_docs", default.router_docs,
+                                       "Router-only mode: documents per round.", **fv),
+      temperature=flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).", **fv),
+      top_p=flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", **fv),
+      sampling_seed=flags.DEFINE_integer("sampling_seed", 0, "Sampling seed.", **fv),
+      max_batch=flags.DEFINE_integer("max_batch", 16, "Requests the engine runs together.", **fv),
+      tier=flags.DEFINE_enum("tier", "auto", ["auto", "device", "pinned_host", "tensorstore"],
+                             "Where the bank's content K/V live while serving.", **fv),
+      memory_devices=flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded "
+                                          "over (default: all).", **fv),
+  )
