@@ -1,5 +1,5 @@
 """Trains the plain backbone (no memory) on fact lookup with the gold card in context, the
-isolated copy diagnosis of issue 11; writes the held-out accuracy curve as JSON + PNG.
+isolated copy diagnosis (msa_jax/training/in_context_recall.py); writes the held-out accuracy curve as JSON + PNG.
 
   python experiments/in_context_recall.py --steps=3000 --out=/tmp/recall   # one GPU: ~6 min
 """

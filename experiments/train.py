@@ -2,8 +2,9 @@
 
   # the tiny synthetic configuration, end to end on CPU (minutes)
   python experiments/train.py --config=experiments/configs/tiny_synthetic_smoke.json --workdir=/tmp/msa_tiny
-  # msa-4b from a converted checkpoint on a cluster (one process per host)
-  python experiments/train.py --config=experiments/configs/msa4b_sft.json --workdir=gs://... \
+  # msa-4b from a converted checkpoint on a cluster (one process per host); no msa-4b config ships:
+  # write one like experiments/configs/tiny_msa.json with "model": {"preset": "msa-4b", ...}
+  python experiments/train.py --config=/path/to/msa4b_sft.json --workdir=gs://... \
       --set=model.init_from=/ckpt/qwen3-4b-msa --set=data.path=/data/train.jsonl
 
 A killed run restarted with the same --workdir resumes from its newest checkpoint, under the config

@@ -1,6 +1,6 @@
 """Meshes and logical-axis rules: how named parameter/activation axes map onto mesh axes.
 
-Training meshes have axes (`data`, `fsdp`, `tensor`); serving adds `memory` (issue 5). Meshes are built
+Training meshes have axes (`data`, `fsdp`, `tensor`); serving adds `memory`. Meshes are built
 with `AxisType.Auto` because `jax.make_mesh` now defaults to Explicit axes, under which Linen's
 sharding constraints act as assertions.
 """

@@ -1,1 +1,1 @@
-"""Generation: prompts, decoding, and (from the generation issue on) the engine and Memory Interleave."""
+"""Generation: the engine (prefill, decode, KV cache, sampling), Memory Interleave, serving, evaluation."""

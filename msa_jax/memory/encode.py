@@ -32,6 +32,7 @@ import numpy as np
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_memory_batch
 from msa_jax.data.tokenizer import CONTENT
+from msa_jax.formatting import format_duration
 from msa_jax.memory import manifest as mf
 from msa_jax.memory.bank import check_model
 from msa_jax.memory.corpus import Document
@@ -40,7 +41,6 @@ from msa_jax.memory.lock import BankLock
 from msa_jax.memory.writer import (DEFAULT_ROWS_PER_CHUNK, BankWriter, EncodedBatch,
                                    remove_stale_temps)
 from msa_jax.model import entry_points
-from msa_jax.training.metrics_log import format_duration
 
 _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 _encode_memory = jax.jit(entry_points.encode_memory, static_argnums=0)

@@ -1,1 +1,1 @@
-"""Flax Linen modules of the Qwen3 backbone and (from the MSA issue on) Memory Sparse Attention."""
+"""Flax Linen modules of the Qwen3 backbone and Memory Sparse Attention."""

@@ -3,7 +3,7 @@
 The protocol (DESIGN.md) is per layer: `route(q_r, route_mask, cfg) -> Selection` and
 `gather(selection) -> (k̄, v̄, mask)`. `LayerMemory` implements it over pooled chunk slots held as
 arrays: the training forward builds one from the layer's own memory stream, and `MemoryView` stacks
-one per router layer (the output of `encode_memory`) for prefill. The memory bank (issue 5) provides
+one per router layer (the output of `encode_memory`) for prefill. The memory bank (`memory/bank_view.py`) provides
 the same two methods over stored chunks.
 """
 

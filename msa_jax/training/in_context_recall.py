@@ -1,4 +1,4 @@
-"""The isolated copy diagnosis of issue 11: the plain backbone (no memory) trained on fact lookup
+"""The isolated copy diagnosis: the plain backbone (no memory) trained on fact lookup
 with the gold document's text simply in context.
 
 A sample is `[0]. <gold card>\\n<question>\\nThe answer to the question is: <value>` (optionally

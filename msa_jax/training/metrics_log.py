@@ -7,7 +7,6 @@ restored step, so the file (and the plot) read as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -15,14 +14,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-
-def format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+from msa_jax.formatting import format_duration
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
