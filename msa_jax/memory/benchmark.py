@@ -152,11 +152,6 @@ def _memory_mesh():
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _place_table(mesh, x):
-  sharding = NamedSharding(mesh, P(MEMORY_AXIS))
-  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
-
-
 def _random_rows(mesh, plan, row_shape, dtype, seed, memory_kind=None):
   """Random chunk rows [S·C_s, *row_shape] created directly on the devices, sharded over memory."""
   shape = (plan.num_shards * plan.slots_per_shard,) + tuple(row_shape)
@@ -186,8 +181,8 @@ def bench_routing(settings: MemoryBenchSettings, model: cfglib.ModelConfig, msa:
     try:
       keys = _random_rows(mesh, plan, row_shape, jnp.float32, settings.seed)
       keys = jax.jit(lambda k: router.prepare_keys(k, msa), donate_argnums=0)(keys)
-      chunk_doc = _place_table(mesh, plan.chunk_doc.reshape(-1))
-      doc_index = _place_table(mesh, plan.doc_index.reshape(-1))
+      chunk_doc = routing.place_table(mesh, plan.chunk_doc.reshape(-1))
+      doc_index = routing.place_table(mesh, plan.doc_index.reshape(-1))
     except Exception as e:  # noqa: BLE001 - record and go on
       results.extend({**base, "batch": b, **_status(e)} for b in settings.batches)
       progress(f"[routing {tokens:,} tokens] {results[-1]['status']}")
