@@ -1,1 +1,1 @@
-"""Routing over a shard of the memory bank: score, reduce over heads, route tokens and chunks, top-k."""
+"""Routing over one shard of a memory bank: scores, head/token/chunk reductions, document top-k."""
