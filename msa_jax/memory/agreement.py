@@ -52,18 +52,19 @@ def compare(reference, index, key_dtype: str) -> Agreement:
 
 def key_dtype_agreement(q_r, route_mask, read_rows, doc_chunk_offsets, cfg: MSAConfig, *, mesh,
                         layer: int = 0, key_dtypes=("bfloat16", "int8"),
-                        coupled_scale: bool = False) -> list[Agreement]:
+                        coupled_scale: bool = False, implementation: str = "auto"
+                        ) -> list[Agreement]:
   """Routes requests q_r [B,T,H,D] (raw router queries), route_mask [B,T] over router layer slot
   `layer` of float32 keys read by `read_rows(name, r, rows)` (documents as CSR chunk offsets) in
-  float32 and in each of `key_dtypes`, on `mesh` (with a `memory` axis); returns each dtype's
-  agreement with float32."""
+  float32 and in each of `key_dtypes`, on `mesh` (with a `memory` axis), routing by
+  `implementation` (`kernels.routing.api`); returns each dtype's agreement with float32."""
   plan = routing.plan_shards(doc_chunk_offsets, mesh.shape[MEMORY_AXIS])
   chunk_doc = routing.place_table(mesh, plan.chunk_doc.reshape(-1))
   doc_index = routing.place_table(mesh, plan.doc_index.reshape(-1))
   row_shape = read_rows("router_keys", layer, np.zeros(1, np.int64)).shape[1:]
   route = jax.jit(lambda q, m, k, s: routing.route_sharded(
       q, m, k, chunk_doc, doc_index, cfg, mesh=mesh, num_docs=plan.num_docs,
-      coupled_scale=coupled_scale, key_scale=s)[1])
+      coupled_scale=coupled_scale, key_scale=s, implementation=implementation)[1])
 
   def selections(key_dtype):
     def read(name, _, rows):

@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from msa_jax.config import MSAConfig
+from msa_jax.kernels.routing import api
 from msa_jax.memory import routing, tiers
 from msa_jax.memory.routing import MEMORY_AXIS, ShardPlan
 from msa_jax.memory.store import KEY_SCALES
@@ -66,6 +67,7 @@ class BankSpec:
   row_shape: tuple[int, ...]
   content_dtype: str
   store: _Identity | None = None  # the bank, for the tensorstore tier
+  routing_kernel: str = "auto"  # `kernels.routing.api.IMPLEMENTATIONS`
 
 
 @flax.struct.dataclass
@@ -96,7 +98,7 @@ class BankLayerMemory:
     scores, index, valid = routing.route_sharded(
         q_r, route_mask, self.router_keys, self.chunk_doc, self.doc_index, cfg, mesh=s.mesh,
         num_docs=s.num_docs, batch_axis=s.batch_axis, coupled_scale=s.coupled,
-        key_scale=self.router_key_scale)
+        key_scale=self.router_key_scale, implementation=s.routing_kernel)
     return BankSelection(scores, valid, valid, index)
 
   def gather(self, selection: BankSelection):
@@ -163,11 +165,13 @@ def content_footprint(plan: ShardPlan, num_layers: int, row_shape, content_dtype
 
 def view_from_arrays(plan: ShardPlan, mesh, router_layers, keys, content_k, content_v, *,
                      tier: str, coupled: bool, batch_axis=None, store=None,
-                     key_scale=None) -> BankMemoryView:
+                     key_scale=None, routing_kernel: str = "auto") -> BankMemoryView:
   """A view over arrays already placed on `mesh` (sharded over `memory` along their row axis 1):
   keys [L_r, S·C_s, Hkv, D] prepared router keys (`router_keys.prepare`; int8 with key_scale
   [L_r, S·C_s, Hkv]); content [L_r, S·C_s, Hkv, D] or None (tensorstore tier, which then reads
-  through `store.read_rows`)."""
+  through `store.read_rows`); `routing_kernel` picks the routing implementation
+  (`kernels.routing.api`)."""
+  api.resolve(routing_kernel)  # an unknown name fails here, not at the first request
   if tier not in tiers.TIERS:
     raise routing.RoutingError(f"unknown content tier {tier!r}; expected one of {tiers.TIERS}")
   if (tier == "tensorstore") != (content_k is None):
@@ -181,7 +185,7 @@ def view_from_arrays(plan: ShardPlan, mesh, router_layers, keys, content_k, cont
   else:
     dtype = jnp.dtype(content_k.dtype).name
   spec = BankSpec(mesh, plan.num_docs, plan.max_doc_chunks, tier, coupled, batch_axis, row_shape,
-                  dtype, None if store is None else _Identity(store))
+                  dtype, None if store is None else _Identity(store), routing_kernel)
   layers = BankLayerMemory(
       router_keys=keys, router_key_scale=key_scale, content_k=content_k, content_v=content_v,
       layer=everywhere(np.arange(len(router_layers), dtype=np.int32)),
@@ -221,10 +225,12 @@ def _place(plan: ShardPlan, mesh, read_rows, name: str, num_layers: int, row_sha
 
 
 def open_view(bank, mesh, msa: MSAConfig, *, tier: str = "auto", batch_axis=None,
-              slot_multiple: int = 8) -> BankMemoryView:
+              slot_multiple: int = routing.SLOT_MULTIPLE,
+              routing_kernel: str = "auto") -> BankMemoryView:
   """Loads a bank onto `mesh` (which has a `memory` axis): router keys on the accelerators, sharded
   by whole documents balanced by chunk count; content in the tier `tier` ("auto": the first of
-  device, pinned_host, tensorstore that fits)."""
+  device, pinned_host, tensorstore that fits); routing by `routing_kernel`
+  (`kernels.routing.api`: "auto" is the fused kernel on GPU and TPU)."""
   if MEMORY_AXIS not in mesh.axis_names:
     raise routing.RoutingError(f"the mesh has no {MEMORY_AXIS!r} axis: {mesh.axis_names}")
   if tuple(bank.router_layers) != tuple(msa.router_layers):
@@ -261,4 +267,5 @@ def open_view(bank, mesh, msa: MSAConfig, *, tier: str = "auto", batch_axis=None
                                    content_dtype, kind) for name in ("content_k", "content_v"))
   return view_from_arrays(plan, mesh, layers, keys, content_k, content_v, tier=tier,
                           coupled=not msa.decouple_router, batch_axis=batch_axis,
-                          store=bank if tier == "tensorstore" else None, key_scale=key_scale)
+                          store=bank if tier == "tensorstore" else None, key_scale=key_scale,
+                          routing_kernel=routing_kernel)
