@@ -193,10 +193,10 @@ def chunk_bytes(manifest: mf.BankManifest) -> int:
 
 def committed_length(manifest: mf.BankManifest, name: str) -> int:
   """The committed extent of `name` along its growing axis."""
-  return {"router_keys": manifest.num_chunks, "content_k": manifest.num_chunks,
-          "content_v": manifest.num_chunks, store.KEY_SCALES: manifest.num_chunks, "doc_chunk_offsets": manifest.num_docs + 1,
-          "text_offsets": manifest.num_docs + 1, "display_ids": manifest.num_docs,
-          "text": manifest.text_bytes}.get(name, 0)
+  if store.grow_axis(name) == 1:
+    return manifest.num_chunks
+  return {"doc_chunk_offsets": manifest.num_docs + 1, "text_offsets": manifest.num_docs + 1,
+          "display_ids": manifest.num_docs, "text": manifest.text_bytes}.get(name, 0)
 
 
 def _check_shapes(path: str, manifest: mf.BankManifest, arrays: dict) -> None:

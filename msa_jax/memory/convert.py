@@ -60,7 +60,7 @@ def convert_bank(src: str, out: str, key_dtype: str = router_keys.DEFAULT_KEY_DT
 
 
 def _convert_keys(src: str, old: mf.BankManifest, dst: str, new: mf.BankManifest) -> None:
-  """Writes `new`'s key arrays into `dst` from `old`'s in `src`, one checksummed segment at a time."""
+  """Writes `new`'s key arrays into `dst` from `old`'s in `src`, a checksummed segment at a time."""
   keys = store.open_array(src, "router_keys")
   shape = (keys.shape[0], old.num_chunks) + tuple(keys.shape[2:])
   shapes = {"router_keys": shape, store.KEY_SCALES: shape[:3]}
