@@ -6,6 +6,7 @@ from __future__ import annotations
 from absl import flags
 
 from msa_jax.inference.interleave import InterleaveConfig
+from msa_jax.kernels.routing.api import IMPLEMENTATIONS
 from msa_jax.inference.requests import SamplingConfig
 
 _DEFAULT = InterleaveConfig()
@@ -27,6 +28,8 @@ _SEED = flags.DEFINE_integer("sampling_seed", 0, "Sampling seed.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Requests the engine runs together.")
 _TIER = flags.DEFINE_enum("tier", "auto", ["auto", "device", "pinned_host", "tensorstore"],
                           "Where the bank's content K/V live while serving.")
+_ROUTING = flags.DEFINE_enum("routing_kernel", "auto", list(IMPLEMENTATIONS), "Routing over the "
+                             "bank: the fused Pallas kernel of the backend (auto), or one forced.")
 _DEVICES = flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded over "
                                 "(default: all).")
 
@@ -40,5 +43,6 @@ def interleave_config() -> InterleaveConfig:
 def server_kwargs() -> dict:
   """Keyword arguments of `serving.open_server`."""
   return dict(tier=_TIER.value, max_batch=_MAX_BATCH.value, memory_devices=_DEVICES.value,
+              routing_kernel=_ROUTING.value,
               sampling=SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                                       seed=_SEED.value))
