@@ -11,7 +11,8 @@ size, with random weights:
 
 The view is `msa_jax.memory.bank_view.view_from_arrays` on a one-device `memory` mesh, the content
 in device memory: the serving path of a bank that fits one accelerator. Router keys are random unit
-vectors (what `router.prepare_keys` makes of cosine-mode keys), content random bf16 normals.
+vectors (what `router_keys.prepare` makes of cosine-mode keys) in bfloat16, the default key dtype;
+content random normals in the model's dtype.
 
 Floors (METHOD.md: the larger of bytes / bandwidth and FLOPs / peak): a decode step must read the
 weights and every cache entry once; a prefill must read the weights and every router key once. The
@@ -40,7 +41,11 @@ from msa_jax.inference.engine import Engine
 from msa_jax.inference.requests import Request, SamplingConfig
 from msa_jax.memory import bank_view, routing
 from msa_jax.model.model import MSAForCausalLM
+from msa_jax.model.router_keys import DEFAULT_KEY_DTYPE
 from msa_jax.sharding import make_mesh
+
+
+_KEY_DTYPE = jnp.dtype(DEFAULT_KEY_DTYPE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +90,10 @@ class GenerateBenchSettings:
 
 
 def view_bytes_per_token(model, msa) -> float:
-  """Device bytes of a bank view per memory token: f32 router keys, content K̄ and V̄."""
+  """Device bytes of a bank view per memory token: bf16 router keys, content K̄ and V̄."""
   row = model.num_kv_heads * model.head_dim
   content = jnp.dtype(model.param_dtype).itemsize
-  return len(msa.router_layers) * row * (4 + 2 * content) / msa.chunk_size
+  return len(msa.router_layers) * row * (_KEY_DTYPE.itemsize + 2 * content) / msa.chunk_size
 
 
 def random_view(model, msa, memory_tokens: int, doc_len: int, seed: int):
@@ -112,7 +117,7 @@ def random_view(model, msa, memory_tokens: int, doc_len: int, seed: int):
   make = jax.jit(fill, static_argnums=(1, 2), out_shardings=sharding)
   key = jax.random.key(seed)
   content_dtype = jnp.dtype(model.param_dtype)
-  keys = make(jax.random.fold_in(key, 0), jnp.float32, True)
+  keys = make(jax.random.fold_in(key, 0), _KEY_DTYPE, True)
   content_k = make(jax.random.fold_in(key, 1), content_dtype, False)
   content_v = make(jax.random.fold_in(key, 2), content_dtype, False)
   view = bank_view.view_from_arrays(plan, mesh, msa.router_layers, keys, content_k, content_v,
@@ -183,7 +188,7 @@ def _floors(model, msa, params_bytes, memory_tokens, batch, settings, bandwidth,
   chunks = memory_tokens / msa.chunk_size
   row = model.num_kv_heads * model.head_dim
   routers = len(msa.router_layers)
-  key_bytes = routers * chunks * row * 4
+  key_bytes = routers * chunks * row * _KEY_DTYPE.itemsize
   params = params_bytes / jnp.dtype(model.param_dtype).itemsize
   flops = (2 * params * batch * settings.prompt_len +
            2 * batch * settings.question_len * chunks * row * routers)

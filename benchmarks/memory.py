@@ -1,13 +1,14 @@
 """Memory-bank benchmark (experiments/bench_memory.py): routing time against its bandwidth floor,
 fetch time per content tier, and encode throughput.
 
-  routing   one router layer's exact sharded top-k (`routing.route_sharded`) over banks of 1M, 10M and
-            100M memory tokens (router keys drawn at random directly on the devices at the model's
-            shape: no encoding), for query batches 1 and 16. The floor is the router-key bytes one
-            device streams (its shard, float32) over the copy bandwidth measured in the same run
-            (x -> x + 1 over a large buffer, bytes read plus written). With many queries the score
-            matmul, not the key bytes, bounds it: its FLOPs over the float32 matmul rate measured
-            in the same run are reported too (compute_floor_s).
+  routing   one router layer's exact sharded top-k (`routing.route_sharded`, by `routing_kernel`)
+            over banks of 1M, 10M and 100M memory tokens (router keys drawn at random directly on
+            the devices at the model's shape, in `key_dtype`: no encoding), for query batches 1 and
+            16. The floor is the router-key bytes one device streams (its shard, with int8 scales)
+            over the copy bandwidth measured in the same run (x -> x + 1 over a large buffer, bytes
+            read plus written). With many queries the score matmul, not the key bytes, bounds it:
+            its FLOPs over the matmul rate measured in the same run in the matmul's operand dtype
+            (`router_keys.query_dtype`) are reported too (compute_floor_s).
   fetch     gathering the chunks of k selected documents per request for one layer from each tier:
             device, pinned_host (random content of the model's shape and dtype) and tensorstore (the
             bank the encode step wrote, read through `Bank.read_rows`).
@@ -41,7 +42,7 @@ from msa_jax import config as cfglib
 from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.memory import routing, tiers
 from msa_jax.memory.routing import MEMORY_AXIS
-from msa_jax.model import router
+from msa_jax.model import router_keys
 
 _WORDS = ("alpha beta gamma delta river stone cloud fire water moon north south light shadow "
           "garden tower bridge market winter summer").split()
@@ -53,6 +54,8 @@ class MemoryBenchSettings:
   memory_tokens: tuple[int, ...] = (1_000_000, 10_000_000, 100_000_000)
   batches: tuple[int, ...] = (1, 16)
   route_tokens: int = 64  # router-query tokens per request (the question)
+  key_dtype: str = router_keys.DEFAULT_KEY_DTYPE
+  routing_kernel: str = "auto"  # `msa_jax.kernels.routing.api.IMPLEMENTATIONS`
   doc_tokens: tuple[int, int] = (256, 4096)  # document lengths, uniform in [min, max]
   fetch_memory_tokens: int = 10_000_000
   tiers: tuple[str, ...] = tiers.TIERS
@@ -72,6 +75,9 @@ class MemoryBenchSettings:
   def __post_init__(self):
     for name in ("memory_tokens", "batches", "tiers"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.key_dtype not in router_keys.KEY_DTYPES:
+      raise common.BenchError(f"key_dtype must be one of {router_keys.KEY_DTYPES}, got "
+                              f"{self.key_dtype!r}")
     bad = [t for t in self.tiers if t not in tiers.TIERS]
     if bad:
       raise common.BenchError(f"unknown tiers {bad}; expected some of {tiers.TIERS}")
@@ -123,13 +129,15 @@ def copy_bandwidth(num_bytes: int, *, steps: int, warmup: int) -> dict[str, Any]
   return {"bytes": 8 * n, "bytes_per_s": 8 * n / timing["median_s"], **timing}
 
 
-def matmul_rate(n: int, *, steps: int, warmup: int) -> dict[str, Any]:
-  """FLOP/s of an [n, n] x [n, n] float32 product at the default precision (what routing's score
-  matmul uses): the compute ceiling for the score FLOPs."""
-  a, b = jax.jit(lambda: tuple(jax.random.normal(jax.random.key(i), (n, n), jnp.float32)
-                               for i in range(2)))()
-  timing = time_call(jax.jit(jnp.dot), (a, b), steps=steps, warmup=warmup)
-  return {"n": n, "flops_per_s": 2.0 * n**3 / timing["median_s"], **timing}
+def matmul_rate(n: int, dtype=jnp.float32, *, steps: int, warmup: int) -> dict[str, Any]:
+  """FLOP/s of an [n, n] x [n, n] product of `dtype` operands accumulating in float32 at the
+  default precision (what routing's score matmul does): the compute ceiling for the score FLOPs."""
+  a, b = jax.jit(lambda: tuple(jax.random.normal(jax.random.key(i), (n, n), jnp.float32).astype(
+      dtype) for i in range(2)))()
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  timing = time_call(dot, (a, b), steps=steps, warmup=warmup)
+  return {"n": n, "dtype": jnp.dtype(dtype).name, "flops_per_s": 2.0 * n**3 / timing["median_s"],
+          **timing}
 
 
 def random_documents(rng: np.random.Generator, total_tokens: int, doc_tokens, chunk_size: int):
@@ -154,11 +162,6 @@ def _memory_mesh():
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _place_table(mesh, x):
-  sharding = NamedSharding(mesh, P(MEMORY_AXIS))
-  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
-
-
 def _random_rows(mesh, plan, row_shape, dtype, seed, memory_kind=None):
   """Random chunk rows [S·C_s, *row_shape] created directly on the devices, sharded over memory."""
   shape = (plan.num_shards * plan.slots_per_shard,) + tuple(row_shape)
@@ -181,15 +184,18 @@ def bench_routing(settings: MemoryBenchSettings, model: cfglib.ModelConfig, msa:
   for tokens in settings.memory_tokens:
     offsets, _ = random_documents(rng, tokens, settings.doc_tokens, msa.chunk_size)
     plan = routing.plan_shards(offsets, mesh.shape[MEMORY_AXIS])
-    key_bytes = plan.slots_per_shard * math.prod(row_shape) * 4  # one device's shard, float32
+    scaled = router_keys.has_scale(settings.key_dtype)
+    key_bytes = plan.slots_per_shard * (  # one device's shard
+        math.prod(row_shape) * jnp.dtype(settings.key_dtype).itemsize + 4 * row_shape[0] * scaled)
     base = {"memory_tokens": tokens, "num_docs": plan.num_docs, "num_chunks": int(offsets[-1]),
             "shards": plan.num_shards, "key_bytes_per_device": key_bytes,
             "floor_s": key_bytes / bandwidth}
     try:
       keys = _random_rows(mesh, plan, row_shape, jnp.float32, settings.seed)
-      keys = jax.jit(lambda k: router.prepare_keys(k, msa), donate_argnums=0)(keys)
-      chunk_doc = _place_table(mesh, plan.chunk_doc.reshape(-1))
-      doc_index = _place_table(mesh, plan.doc_index.reshape(-1))
+      keys, scale = jax.jit(lambda k: router_keys.prepare(
+          *router_keys.quantize(k, settings.key_dtype), msa))(keys)
+      chunk_doc = routing.place_table(mesh, plan.chunk_doc.reshape(-1))
+      doc_index = routing.place_table(mesh, plan.doc_index.reshape(-1))
     except Exception as e:  # noqa: BLE001 - record and go on
       results.extend({**base, "batch": b, **_status(e)} for b in settings.batches)
       progress(f"[routing {tokens:,} tokens] {results[-1]['status']}")
@@ -198,12 +204,13 @@ def bench_routing(settings: MemoryBenchSettings, model: cfglib.ModelConfig, msa:
       q_r = jax.random.normal(jax.random.key(b), (b, settings.route_tokens, model.num_heads,
                                                   model.head_dim), jnp.bfloat16)
       mask = jnp.ones((b, settings.route_tokens), bool)
-      fn = jax.jit(lambda q, m, k, c, i: routing.route_sharded(
+      fn = jax.jit(lambda q, m, k, s, c, i: routing.route_sharded(
           q, m, k, c, i, msa, mesh=mesh, num_docs=plan.num_docs,
-          coupled_scale=not msa.decouple_router))
+          coupled_scale=not msa.decouple_router, key_scale=s,
+          implementation=settings.routing_kernel))
       try:
-        timing = time_call(fn, (q_r, mask, keys, chunk_doc, doc_index), steps=settings.steps,
-                           warmup=settings.warmup)
+        timing = time_call(fn, (q_r, mask, keys, scale, chunk_doc, doc_index),
+                           steps=settings.steps, warmup=settings.warmup)
       except Exception as e:  # noqa: BLE001
         results.append({**base, "batch": b, **_status(e)})
         progress(f"[routing {tokens:,} tokens, batch {b}] {results[-1]['status']}")
@@ -218,7 +225,7 @@ def bench_routing(settings: MemoryBenchSettings, model: cfglib.ModelConfig, msa:
                       "score_flops_per_s": flops / timing["median_s"]})
       progress(f"[routing {tokens:,} tokens, batch {b}] {timing['median_s'] * 1e3:.3f} ms "
                f"(floor {base['floor_s'] * 1e3:.3f} ms, x{results[-1]['over_floor']:.2f})")
-    del keys, chunk_doc, doc_index
+    del keys, scale, chunk_doc, doc_index
     gc.collect()
   return results
 
@@ -373,10 +380,12 @@ def run(settings: MemoryBenchSettings, out_dir: str, progress=print) -> dict[str
   report["copy_bandwidth"] = copy_bandwidth(settings.copy_bytes, steps=settings.steps,
                                             warmup=settings.warmup)
   bandwidth = report["copy_bandwidth"]["bytes_per_s"]
-  report["matmul_rate"] = matmul_rate(settings.matmul_size, steps=settings.steps,
-                                      warmup=settings.warmup)
+  report["matmul_rate"] = matmul_rate(settings.matmul_size,
+                                      router_keys.query_dtype(settings.key_dtype),
+                                      steps=settings.steps, warmup=settings.warmup)
   flop_rate = report["matmul_rate"]["flops_per_s"]
-  progress(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, f32 matmul {flop_rate / 1e12:.1f} TFLOP/s")
+  progress(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {report['matmul_rate']['dtype']} matmul "
+           f"{flop_rate / 1e12:.1f} TFLOP/s")
   report["routing"] = bench_routing(settings, model_cfg, msa, bandwidth, flop_rate, progress)
   write_report(report, out_dir)
   if "device" in settings.tiers:
@@ -402,8 +411,10 @@ def format_table(report: dict[str, Any]) -> str:
   lines = [f"bench_memory on {report['device_kind']} x{report['num_devices']} "
            f"(jax {report['jax_version']}), copy bandwidth "
            f"{report['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s",
-           f"f32 matmul {report['matmul_rate']['flops_per_s'] / 1e12:.1f} TFLOP/s",
-           "routing (one router layer): tokens  batch  median ms  floor ms  x floor  "
+           f"{report['matmul_rate'].get('dtype', 'float32')} matmul "
+           f"{report['matmul_rate']['flops_per_s'] / 1e12:.1f} TFLOP/s",
+           f"routing (one router layer, {report['settings'].get('key_dtype', 'float32')} keys): "
+           "tokens  batch  median ms  floor ms  x floor  "
            "score-matmul ms at the measured rate"]
   for r in report["routing"]:
     if r["status"] == "ok":

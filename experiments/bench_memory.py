@@ -13,6 +13,8 @@ from absl import app, flags
 from benchmarks import common
 from benchmarks import memory as benchmark
 from msa_jax.cli import quiet_library_logs, run
+from msa_jax.kernels.routing.api import IMPLEMENTATIONS
+from msa_jax.model.router_keys import KEY_DTYPES
 
 _OUT = flags.DEFINE_string("out", "/tmp/msa_jax_bench/memory", "Output directory.")
 _SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for a CPU run (other flags then override).")
@@ -20,6 +22,9 @@ _PRESET = flags.DEFINE_string("preset", None, "Model shape for routing and fetch
 _MEMORY_TOKENS = flags.DEFINE_list("memory_tokens", None, "Bank sizes in tokens (1M,10M,100M).")
 _BATCHES = flags.DEFINE_list("batches", None, "Query batch sizes (1,16).")
 _ROUTE_TOKENS = flags.DEFINE_integer("route_tokens", None, "Router-query tokens per request (64).")
+_KEY_DTYPE = flags.DEFINE_enum("key_dtype", None, list(KEY_DTYPES), "Router key dtype (bfloat16).")
+_ROUTING = flags.DEFINE_enum("routing_kernel", None, list(IMPLEMENTATIONS),
+                             "Routing implementation (auto: the backend's fused kernel).")
 _TIERS = flags.DEFINE_list("tiers", None, "Content tiers to time (device,pinned_host,tensorstore).")
 _ENCODE_PRESET = flags.DEFINE_string("encode_preset", None, "Model shape for the encode (msa-4b).")
 _ENCODE_TOKENS = flags.DEFINE_integer("encode_tokens", None, "Corpus size to encode (262144).")
@@ -40,6 +45,7 @@ def main(argv):
       ("memory_tokens", _MEMORY_TOKENS.value and tuple(int(float(x)) for x in _MEMORY_TOKENS.value)),
       ("batches", _BATCHES.value and tuple(int(x) for x in _BATCHES.value)),
       ("route_tokens", _ROUTE_TOKENS.value), ("tiers", _TIERS.value and tuple(_TIERS.value)),
+      ("key_dtype", _KEY_DTYPE.value), ("routing_kernel", _ROUTING.value),
       ("encode_preset", _ENCODE_PRESET.value), ("encode_tokens", _ENCODE_TOKENS.value),
       ("steps", _STEPS.value), ("warmup", _WARMUP.value), ("seed", _SEED.value),
       ("tokenizer", _TOKENIZER.value))

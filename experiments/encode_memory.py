@@ -18,6 +18,7 @@ from msa_jax.memory.corpus import FORMATS, open_corpus
 from msa_jax.memory.encode import encode_corpus
 from msa_jax.memory.errors import BankError
 from msa_jax.memory.writer import DEFAULT_ROWS_PER_CHUNK
+from msa_jax.model.router_keys import KEY_DTYPES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "msa_jax checkpoint (or Hugging Face MSA "
                                   "directory).", required=True)
@@ -36,6 +37,9 @@ _ROWS_PER_CHUNK = flags.DEFINE_integer("rows_per_chunk", DEFAULT_ROWS_PER_CHUNK,
                                        "Chunk rows per zarr storage chunk.")
 _ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Allow a pickled official memory file "
                                   "(unpickling runs code from the file: only for trusted files).")
+_KEY_DTYPE = flags.DEFINE_enum("router_key_dtype", None, list(KEY_DTYPES), "How a new bank stores "
+                                "its router keys (default bfloat16; int8 adds per-chunk, per-head "
+                                "scales). A resume or append keeps the bank's.")
 _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", None, "Override the compute dtype.")
 _STATS = flags.DEFINE_string("stats_json", None, "Also write the encode statistics here.")
 
@@ -51,7 +55,8 @@ def main(argv):
   stats = encode_corpus(loaded.model, loaded.params, tokenizer, corpus, _OUT.value,
                         batch_rows=_BATCH_ROWS.value, row_tokens=_ROW_TOKENS.value,
                         max_docs_per_row=_MAX_DOCS.value, append=_APPEND.value,
-                        rows_per_chunk=_ROWS_PER_CHUNK.value)
+                        rows_per_chunk=_ROWS_PER_CHUNK.value,
+                        router_key_dtype=_KEY_DTYPE.value)
   print(f"encoded {stats.documents} documents ({stats.tokens} tokens, {stats.chunks} chunks) in "
         f"{stats.seconds:.1f} s, {stats.tokens_per_second:,.0f} tokens/s; the bank at "
         f"{stats.path} holds {stats.bank_documents} documents")

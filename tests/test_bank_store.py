@@ -1,13 +1,17 @@
 """Bank encode/store: encode -> reopen equals encoding each document alone; kill + resume is
-byte-identical to one run; append equals encoding everything at once; foreign, corrupt, truncated
-and missing banks and bad corpora fail with clear errors and lose nothing."""
+byte-identical to one run; append equals encoding everything at once; int8 router keys carry their
+scales; a format-2 bank is refused and converts; foreign, corrupt, truncated and missing banks and
+bad corpora fail with clear errors and lose nothing."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,15 +21,17 @@ from msa_jax.data.batch_builder import build_memory_batch
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.memory import BankError, open_bank
 from msa_jax.memory import manifest as mf
+from msa_jax.memory.convert import convert_bank
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.encode import encode_corpus
-from msa_jax.model import entry_points
+from msa_jax.model import entry_points, router_keys
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.training.model_setup import dummy_batch
 
 ROW_TOKENS, BATCH_ROWS = 128, 2
 ROWS_PER_CHUNK = 16  # storage chunks much smaller than the bank: batches end inside chunks
-TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "models", "tiny_msa", "tokenizer.json")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TOKENIZER = os.path.join(ROOT, "models", "tiny_msa", "tokenizer.json")
 WORDS = "alpha beta gamma delta river stone cloud fire water moon".split()
 # very different lengths: from an empty text to one that nearly fills a row
 WORD_COUNTS = [0, 60, 3, 110, 1, 25, 40, 7, 90, 14, 2, 33]
@@ -107,14 +113,16 @@ def test_encode_equals_each_document_encoded_alone(setup, reference_bank):
       assert int(bank.display_ids[i]) == i and bank.index_of(i) == i
       assert bank.document_text(i) == texts[i]
       for r in range(len(model.msa.router_layers)):
-        for name, want in (("router_keys", layers.k_r), ("content_k", layers.k),
-                           ("content_v", layers.v)):
+        for name, want, rtol in (("router_keys", layers.k_r, 2**-8), ("content_k", layers.k, 0),
+                                 ("content_v", layers.v, 0)):  # router keys in bf16 by default
           got = bank.read(name, r, start, stop)
-          np.testing.assert_allclose(got, want[r, b, :n], atol=1e-5, err_msg=name)
+          np.testing.assert_allclose(got.astype(np.float32), want[r, b, :n], rtol=rtol, atol=1e-5,
+                                     err_msg=name)
           np.testing.assert_array_equal(bank.read_rows(name, r, [stop - 1, start]), got[[-1, 0]])
   assert min(lengths) <= 12 and max(lengths) > ROW_TOKENS - 20  # the lengths really differ
   assert bank.index_of(10**6) is None
-  assert bank.read("router_keys", 0, 0, 1).dtype == np.float32
+  assert bank.router_key_dtype == "bfloat16"
+  assert bank.read("router_keys", 0, 0, 1).dtype == jnp.bfloat16
   for (k, v), (k_ref, v_ref) in zip(bank.template_kv(), alone.template_kv):
     np.testing.assert_array_equal(k, np.asarray(k_ref[0]))
     np.testing.assert_array_equal(v, np.asarray(v_ref[0]))
@@ -213,6 +221,67 @@ def test_append_equals_encoding_everything_at_once(setup, reference_bank, tmp_pa
     for name in ("router_keys", "content_k", "content_v"):
       np.testing.assert_allclose(bank.read(name, r, 0, bank.num_chunks),
                                  whole.read(name, r, 0, whole.num_chunks), atol=1e-5)
+
+
+def test_int8_keys_carry_scales_and_an_append_keeps_them(setup, tmp_path):
+  texts = _texts(WORD_COUNTS)
+  exact, out = tmp_path / "f32", tmp_path / "int8"
+  _encode(setup, texts, exact, router_key_dtype="float32")
+  _encode(setup, texts[:5], out, router_key_dtype="int8")
+  with pytest.raises(BankError, match="stores router keys in int8, not the requested bfloat16"):
+    _encode(setup, texts[5:], out, append=True, router_key_dtype="bfloat16")
+  _encode(setup, texts[5:], out, append=True)  # the bank's dtype
+  bank, f32 = open_bank(str(out), verify="full"), open_bank(str(exact))
+  hkv = bank.chunk_shape[0]
+  assert bank.router_key_dtype == "int8" and bank.num_chunks == f32.num_chunks
+  assert bank.array_shapes()["router_key_scales"] == ((2, bank.num_chunks, hkv), "float32")
+  for r in range(2):
+    keys = f32.read("router_keys", r, 0, f32.num_chunks)
+    values = bank.read("router_keys", r, 0, bank.num_chunks)
+    scale = bank.read_rows("router_key_scales", r, np.arange(bank.num_chunks))
+    assert values.dtype == np.int8 and np.abs(values).max() == 127
+    np.testing.assert_allclose(scale, np.abs(keys).max(-1) / 127, rtol=1e-5)
+    err = np.abs(router_keys.dequantize(values, scale) - keys)
+    assert np.all(err <= scale[..., None] * 0.51 + 1e-6)
+
+
+def test_a_format_2_bank_is_refused_and_converts(setup, tmp_path):
+  model, params, _ = setup
+  old = tmp_path / "old"
+  _encode(setup, _texts(WORD_COUNTS[:6]), old, router_key_dtype="float32")
+  exact = open_bank(str(old))
+  keys = [exact.read("router_keys", r, 0, exact.num_chunks) for r in range(2)]
+  content = exact.read("content_v", 1, 0, exact.num_chunks)
+  m = _manifest(old, drop=("manifest_sha256",))  # a format-2 bank: float32 keys, version 2
+  m["format_version"] = 2
+  m["manifest_sha256"] = mf.content_digest(m)
+  (old / "manifest.json").write_text(json.dumps(m))
+  with pytest.raises(BankError, match=r"format version 2, but this msa_jax reads version 3; "
+                                      r"convert it with `python tools/convert_bank.py "
+                                      rf"--bank={old} --out=<new bank>`"):
+    open_bank(str(old))
+  convert_bank(str(old), str(tmp_path / "bf16"), log=lambda s: None)
+  bank = open_bank(str(tmp_path / "bf16"), model.config, model.msa, params=params, verify="full")
+  assert bank.manifest.format_version == 3 and bank.router_key_dtype == "bfloat16"
+  for r in range(2):
+    np.testing.assert_array_equal(bank.read("router_keys", r, 0, bank.num_chunks),
+                                  keys[r].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(bank.read("content_v", 1, 0, bank.num_chunks), content)
+  assert bank.document_text(2) == exact.document_text(2)
+  with pytest.raises(BankError, match="already exists"):
+    convert_bank(str(old), str(tmp_path / "bf16"), log=lambda s: None)
+  run = subprocess.run([sys.executable, "tools/convert_bank.py", f"--bank={tmp_path / 'bf16'}",
+                        f"--out={tmp_path / 'int8'}", "--key_dtype=int8"], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr
+  bank = open_bank(str(tmp_path / "int8"), verify="full")
+  assert bank.router_key_dtype == "int8" and "router_key_scales" in bank.array_shapes()
+  scale = bank.read_rows("router_key_scales", 0, np.arange(bank.num_chunks))
+  err = np.abs(router_keys.dequantize(bank.read("router_keys", 0, 0, bank.num_chunks), scale)
+               - keys[0])
+  assert np.all(err <= scale[..., None] * 0.51 + np.abs(keys[0]) * 2**-8)
+  assert sorted(os.listdir(tmp_path)) == ["bf16", "int8", "old"]  # no temporary directory left
 
 
 def test_display_ids_from_the_corpus_and_duplicates(setup, tmp_path):

@@ -157,7 +157,7 @@ def test_encoded_bank_reopened_from_disk_routes_and_prefills_like_the_memory_vie
   rng = np.random.default_rng(3)
   texts = [" ".join(rng.choice(words, n)) for n in (2, 20, 6, 1, 12)]
   encode_corpus(model, params, tok, texts, str(tmp_path / "bank"), batch_rows=2, row_tokens=64,
-                log=lambda s: None)
+                router_key_dtype="float32", log=lambda s: None)  # exact keys: exact routing
   bank = open_bank(str(tmp_path / "bank"), model.config, model.msa, params=params)
   wrapped = [tok.encode(pf.wrap_document(i, t)) for i, t in enumerate(texts)]
   template = np.asarray(tok.encode(pf.TEMPLATE_HEAD), np.int32)

@@ -24,8 +24,8 @@ def test_toy_benchmark_writes_json_and_chart(tmp_path):
     assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 4 / r["decode_s"])
     for key in ("ttft_s", "decode_s", "prefill_floor_s", "decode_step_floor_s"):
       assert math.isfinite(r[key]) and r[key] > 0, key
-  # tiny preset: 2 router layers, Hkv·D = 32, P = 4; f32 keys + bf16 content K̄ and V̄
-  assert report["view_bytes_per_token"] == 2 * 32 * (4 + 2 * 2) / 4
+  # tiny preset: 2 router layers, Hkv·D = 32, P = 4; bf16 keys + bf16 content K̄ and V̄
+  assert report["view_bytes_per_token"] == 2 * 32 * (2 + 2 * 2) / 4
   assert any("random view of 512 tokens" in line for line in lines)
 
 

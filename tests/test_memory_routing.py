@@ -1,6 +1,7 @@
 """Memory-parallel routing (msa_jax/memory/routing.py) equals single-device `router.route` over all
 chunks on 8 simulated devices: documents of very different lengths, shards with fewer documents than k
-(or none), ties, several score modes and reductions, the batch replicated or sharded."""
+(or none), ties, several score modes and reductions, the batch replicated or sharded; through the
+reference (auto, on CPU) and through both fused kernels in interpret mode."""
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def _single_device(q_r, mask, keys, offsets, cfg, coupled):
   return np.asarray(sel.doc_scores)[:, :n], np.asarray(sel.doc_selected)[:, :n]
 
 
-def _sharded(q_r, mask, keys, offsets, cfg, coupled, mesh, batch_axis):
+def _sharded(q_r, mask, keys, offsets, cfg, coupled, mesh, batch_axis, implementation="auto"):
   plan = routing.plan_shards(offsets, mesh.shape["memory"], slot_multiple=4)
   rows = plan.chunk_rows.reshape(-1)
   placed = np.where((rows >= 0)[:, None, None], keys[np.maximum(rows, 0)], 0.0)
@@ -42,7 +43,7 @@ def _sharded(q_r, mask, keys, offsets, cfg, coupled, mesh, batch_axis):
   prepared = router.prepare_keys(shard(placed), cfg)
   fn = jax.jit(lambda q, m, k, c, i: routing.route_sharded(
       q, m, k, c, i, cfg, mesh=mesh, num_docs=plan.num_docs, batch_axis=batch_axis,
-      coupled_scale=coupled))
+      coupled_scale=coupled, implementation=implementation))
   out = fn(q_r, mask, prepared, shard(plan.chunk_doc.reshape(-1)),
            shard(plan.doc_index.reshape(-1)))
   return plan, [np.asarray(x) for x in out]
@@ -96,7 +97,8 @@ COMBOS = [
 
 @pytest.mark.parametrize("overrides,coupled", COMBOS)
 @pytest.mark.parametrize("batch_sharded", [False, True])
-def test_sharded_routing_equals_single_device(overrides, coupled, batch_sharded):
+@pytest.mark.parametrize("implementation", ["auto", "pallas_gpu", "pallas_tpu"])
+def test_sharded_routing_equals_single_device(overrides, coupled, batch_sharded, implementation):
   rng = np.random.default_rng(len(str(overrides)) + batch_sharded)
   cfg = cfglib.MSAConfig(top_k_docs=4, **overrides)
   # documents 7 and 10 copy document 4 (one chunk each), document 9 copies document 2: exact ties
@@ -113,21 +115,22 @@ def test_sharded_routing_equals_single_device(overrides, coupled, batch_sharded)
   else:
     mesh = make_mesh((8,), ("memory",))  # 8 shards: most hold one or two documents (< k)
   plan, (scores, index, valid) = _sharded(q_r, mask, keys, offsets, cfg, coupled, mesh,
-                                          "data" if batch_sharded else None)
+                                          "data" if batch_sharded else None, implementation)
   assert (plan.doc_index < plan.num_docs).sum(1).min() < cfg.top_k_docs
   ref_scores, ref_selected = _single_device(q_r, mask, keys, offsets, cfg, coupled)
   _check(scores, index, valid, ref_scores, ref_selected, cfg.top_k_docs)
   assert set(index[0]) >= {4, 7, 10}  # the tie is resolved by document index
 
 
-def test_fewer_documents_than_k_and_empty_shards():
+@pytest.mark.parametrize("implementation", ["auto", "pallas_gpu", "pallas_tpu"])
+def test_fewer_documents_than_k_and_empty_shards(implementation):
   rng = np.random.default_rng(5)
   cfg = cfglib.MSAConfig(top_k_docs=4)
   keys, offsets = _bank(rng, [3, 1, 2])  # 3 documents on 8 shards: 5 shards hold nothing
   q_r = rng.standard_normal((2, 3, H, D)).astype(np.float32)
   mask = np.ones((2, 3), bool)
   plan, (scores, index, valid) = _sharded(q_r, mask, keys, offsets, cfg, False,
-                                          make_mesh((8,), ("memory",)), None)
+                                          make_mesh((8,), ("memory",)), None, implementation)
   assert (plan.doc_index < plan.num_docs).sum(1).tolist().count(0) == 5
   ref_scores, ref_selected = _single_device(q_r, mask, keys, offsets, cfg, False)
   _check(scores, index, valid, ref_scores, ref_selected, cfg.top_k_docs)

@@ -12,6 +12,7 @@ from absl import flags
 
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.requests import SamplingConfig
+from msa_jax.kernels.routing.api import IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ServingFlags:
   sampling_seed: flags.FlagHolder
   max_batch: flags.FlagHolder
   tier: flags.FlagHolder
+  routing_kernel: flags.FlagHolder
   memory_devices: flags.FlagHolder
 
   def interleave_config(self) -> InterleaveConfig:
@@ -42,6 +44,7 @@ class ServingFlags:
     """Keyword arguments of `serving.open_server`."""
     return dict(tier=self.tier.value, max_batch=self.max_batch.value,
                 memory_devices=self.memory_devices.value,
+                routing_kernel=self.routing_kernel.value,
                 sampling=SamplingConfig(temperature=self.temperature.value, top_p=self.top_p.value,
                                         seed=self.sampling_seed.value))
 
@@ -70,6 +73,9 @@ def define_serving_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Serving
       max_batch=flags.DEFINE_integer("max_batch", 16, "Requests the engine runs together.", **fv),
       tier=flags.DEFINE_enum("tier", "auto", ["auto", "device", "pinned_host", "tensorstore"],
                              "Where the bank's content K/V live while serving.", **fv),
+      routing_kernel=flags.DEFINE_enum("routing_kernel", "auto", list(IMPLEMENTATIONS),
+                                       "Routing over the bank: the fused Pallas kernel of the "
+                                       "backend (auto), or one forced.", **fv),
       memory_devices=flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded "
                                           "over (default: all).", **fv),
   )

@@ -54,15 +54,16 @@ class MemoryServer:
 def open_server(loaded: LoadedModel, bank_path: str, *, tier: str = "auto", max_batch: int = 16,
                 memory_devices: int | None = None,
                 sampling: SamplingConfig = SamplingConfig(),
-                fixed_batch: bool = False) -> MemoryServer:
+                fixed_batch: bool = False, routing_kernel: str = "auto") -> MemoryServer:
   """Opens the bank at `bank_path` for `loaded` (raising `BankError` if another model or other
-  weights encoded it) over the first `memory_devices` devices (default: all)."""
+  weights encoded it) over the first `memory_devices` devices (default: all), routing by
+  `routing_kernel` (`msa_jax.kernels.routing.api`)."""
   if loaded.tokenizer is None:
     raise ValueError("the model has no tokenizer; Memory Interleave needs one")
   bank = open_bank(bank_path, loaded.model_config, loaded.msa_config, params=loaded.params)
   devices = jax.devices()[:memory_devices] if memory_devices else jax.devices()
   mesh = make_mesh((len(devices),), (MEMORY_AXIS,), devices=devices)
-  view = open_view(bank, mesh, loaded.msa_config, tier=tier)
+  view = open_view(bank, mesh, loaded.msa_config, tier=tier, routing_kernel=routing_kernel)
   engine = Engine(loaded.model, loaded.params, view, max_batch=max_batch)
   return MemoryServer(loaded, bank, engine, sampling, fixed_batch)
 

@@ -18,6 +18,7 @@ from msa_jax import config as cfglib
 from msa_jax.memory import manifest as mf
 from msa_jax.memory import store
 from msa_jax.memory.errors import BankError
+from msa_jax.model import router_keys
 
 AUTO_VERIFY_BYTES = 512 << 20
 VERIFY_MODES = ("auto", "full", "index")
@@ -29,9 +30,10 @@ class Bank:
   Documents are 0-based rows in insertion order; document i owns chunk rows
   `doc_chunk_offsets[i]:doc_chunk_offsets[i+1]` of every chunk array, and `display_ids[i]` is the
   id the model reads and writes as "[id]". Chunk arrays are indexed by r =
-  `router_layers.index(layer)`: "router_keys" (float32 chunk means of the raw router keys, not
-  normalised), "content_k" / "content_v" (chunk means of post-RoPE keys at document-local positions
-  / of values, in the model's compute dtype).
+  `router_layers.index(layer)`: "router_keys" (chunk means of the raw router keys, not normalised,
+  in the bank's `router_key_dtype`; int8 keys have float32 scales [C, Hkv] in "router_key_scales",
+  see `msa_jax.model.router_keys`), "content_k" / "content_v" (chunk means of post-RoPE keys at
+  document-local positions / of values, in the model's compute dtype).
   """
 
   def __init__(self, path: str, manifest: mf.BankManifest, arrays: dict,
@@ -46,10 +48,15 @@ class Bank:
     self._text_offsets = text_offsets
     self._arrays = arrays
     self._index = {int(d): i for i, d in enumerate(display_ids)}
+    self._row_arrays = store.row_arrays(manifest.dtypes)
 
   def __repr__(self) -> str:
     return (f"Bank({self.path!r}, {self.num_docs} documents, {self.num_chunks} chunks, router "
             f"layers {list(self.router_layers)})")
+
+  @property
+  def router_key_dtype(self) -> str:
+    return self.manifest.router_key_dtype
 
   @property
   def chunk_shape(self) -> tuple[int, int]:
@@ -62,14 +69,15 @@ class Bank:
     return {name: (tuple(a.shape), a.dtype.name) for name, a in self._arrays.items()}
 
   def _chunk_array(self, name: str, r: int):
-    if name not in store.CHUNK_ARRAYS:
-      raise KeyError(f"unknown bank array {name!r}; chunk arrays are {store.CHUNK_ARRAYS}")
+    if name not in self._row_arrays:
+      raise KeyError(f"unknown bank array {name!r}; chunk arrays are {self._row_arrays}")
     if not 0 <= r < len(self.router_layers):
       raise IndexError(f"router layer index r={r} outside [0, {len(self.router_layers)})")
     return self._arrays[name]
 
   def read(self, name: str, r: int, start: int, stop: int) -> np.ndarray:
-    """Chunk rows [start, stop) of router layer r -> [stop - start, Hkv, D]."""
+    """Chunk rows [start, stop) of router layer r -> [stop - start, Hkv, D] ([.., Hkv] for
+    scales)."""
     array = self._chunk_array(name, r)
     if not 0 <= start <= stop <= self.num_chunks:
       raise IndexError(f"chunk rows [{start}, {stop}) outside [0, {self.num_chunks}]")
@@ -84,7 +92,7 @@ class Bank:
       bad = rows[(rows < 0) | (rows >= self.num_chunks)]
       raise IndexError(f"chunk rows outside [0, {self.num_chunks}): {bad[:5].tolist()}")
     if not rows.size:
-      return np.zeros((0,) + self.chunk_shape, array.dtype.numpy_dtype)
+      return np.zeros((0,) + tuple(array.shape[2:]), array.dtype.numpy_dtype)
     try:
       return array[r].oindex[rows].read().result()
     except ValueError as e:
@@ -142,13 +150,13 @@ def open_bank(path: str, model_config: cfglib.ModelConfig | None = None,
     raise ValueError("pass both model_config and msa_config, or neither")
   if model_config is not None:
     check_model(path, manifest, model_config, msa_config, params)
-  arrays = {name: store.open_array(path, name) for name in store.ALL_ARRAYS}
+  arrays = {name: store.open_array(path, name) for name in store.bank_arrays(manifest.dtypes)}
   _check_shapes(path, manifest, arrays)
   full = verify == "full" or (verify == "auto" and chunk_bytes(manifest) <= AUTO_VERIFY_BYTES)
   for name in store.TEMPLATE_ARRAYS + store.INDEX_ARRAYS:
     verify_array(path, manifest, arrays[name], name)
   if full:
-    for name in store.CHUNK_ARRAYS + (store.TEXT_ARRAY,):
+    for name in store.row_arrays(manifest.dtypes) + (store.TEXT_ARRAY,):
       verify_array(path, manifest, arrays[name], name)
   offsets, ids, text_offsets = (
       store.read(path, arrays[name], name, (slice(0, n),)) for name, n in
@@ -178,18 +186,26 @@ def chunk_bytes(manifest: mf.BankManifest) -> int:
   model, _ = manifest.configs()
   row = model.num_kv_heads * model.head_dim
   per_row = sum(jnp.dtype(manifest.dtypes[n]).itemsize for n in store.CHUNK_ARRAYS) * row
+  if store.KEY_SCALES in manifest.dtypes:
+    per_row += jnp.dtype(manifest.dtypes[store.KEY_SCALES]).itemsize * model.num_kv_heads
   return len(manifest.router_layers) * manifest.num_chunks * per_row + manifest.text_bytes
 
 
 def committed_length(manifest: mf.BankManifest, name: str) -> int:
   """The committed extent of `name` along its growing axis."""
-  return {"router_keys": manifest.num_chunks, "content_k": manifest.num_chunks,
-          "content_v": manifest.num_chunks, "doc_chunk_offsets": manifest.num_docs + 1,
-          "text_offsets": manifest.num_docs + 1, "display_ids": manifest.num_docs,
-          "text": manifest.text_bytes}.get(name, 0)
+  if store.grow_axis(name) == 1:
+    return manifest.num_chunks
+  return {"doc_chunk_offsets": manifest.num_docs + 1, "text_offsets": manifest.num_docs + 1,
+          "display_ids": manifest.num_docs, "text": manifest.text_bytes}.get(name, 0)
 
 
 def _check_shapes(path: str, manifest: mf.BankManifest, arrays: dict) -> None:
+  key_dtype = manifest.router_key_dtype
+  if key_dtype not in router_keys.KEY_DTYPES or (
+      router_keys.has_scale(key_dtype) != (store.KEY_SCALES in manifest.dtypes)):
+    raise BankError(f"bank {path}: router keys of dtype {key_dtype} with arrays "
+                    f"{sorted(manifest.dtypes)}; expected one of {router_keys.KEY_DTYPES}, with "
+                    f"{store.KEY_SCALES} exactly for int8")
   for name, array in arrays.items():
     dtype = array.dtype.name
     if dtype != manifest.dtypes.get(name):
@@ -207,6 +223,13 @@ def _check_shapes(path: str, manifest: mf.BankManifest, arrays: dict) -> None:
 
 def verify_array(path: str, manifest: mf.BankManifest, array, name: str) -> None:
   """Checks every committed segment of `name` against its manifest checksum, one at a time."""
+  for _ in checked_segments(path, manifest, array, name):
+    pass
+
+
+def checked_segments(path: str, manifest: mf.BankManifest, array, name: str):
+  """Yields (start, stop, rows) for every committed segment of `name` in order, each checked
+  against its manifest checksum, and the segments against the committed length."""
   segments = manifest.checksums.get(name)
   if segments is None:
     raise BankError(f"bank {path}: the manifest has no checksums for array {name}")
@@ -218,6 +241,7 @@ def verify_array(path: str, manifest: mf.BankManifest, array, name: str) -> None
     if mf.rows_digest(rows) != digest:
       raise BankError(f"bank {path}: array {name} is corrupt: rows [{start}, {stop}) do not match "
                       f"their checksum in the manifest")
+    yield start, stop, rows
     covered = stop
   expected = committed_length(manifest, name) if store.grow_axis(name) is not None else covered
   if covered != expected:

@@ -22,9 +22,11 @@ import numpy as np
 from jax import lax
 
 from msa_jax.config import MSAConfig
+from msa_jax.kernels.routing import api
 from msa_jax.memory import routing, tiers
 from msa_jax.memory.routing import MEMORY_AXIS, ShardPlan
-from msa_jax.model import router
+from msa_jax.memory.store import KEY_SCALES
+from msa_jax.model import router_keys
 
 
 @flax.struct.dataclass
@@ -65,19 +67,22 @@ class BankSpec:
   row_shape: tuple[int, ...]
   content_dtype: str
   store: _Identity | None = None  # the bank, for the tensorstore tier
+  routing_kernel: str = "auto"  # `kernels.routing.api.IMPLEMENTATIONS`
 
 
 @flax.struct.dataclass
 class BankLayerMemory:
   """One router layer of a bank view (or a stack of them inside a scanned block).
 
-  router_keys [S·C_s, Hkv, D] f32, prepared (`router.prepare_keys`), sharded over `memory`;
+  router_keys [S·C_s, Hkv, D] prepared (`router_keys.prepare`) in the bank's key dtype, sharded over
+  `memory`, with router_key_scale [S·C_s, Hkv] for int8 keys (else None);
   content_k/v the same rows in the content dtype (None for the tensorstore tier); layer: the router
   layer's slot r in the bank; chunk_doc / doc_index: the shard plan's tables (sharded); doc_shard,
   doc_local_start, doc_chunks [N]: where each document lives (replicated).
   """
 
   router_keys: jax.Array
+  router_key_scale: jax.Array | None
   content_k: jax.Array | None
   content_v: jax.Array | None
   layer: jax.Array
@@ -92,7 +97,8 @@ class BankLayerMemory:
     s = self.spec
     scores, index, valid = routing.route_sharded(
         q_r, route_mask, self.router_keys, self.chunk_doc, self.doc_index, cfg, mesh=s.mesh,
-        num_docs=s.num_docs, batch_axis=s.batch_axis, coupled_scale=s.coupled)
+        num_docs=s.num_docs, batch_axis=s.batch_axis, coupled_scale=s.coupled,
+        key_scale=self.router_key_scale, implementation=s.routing_kernel)
     return BankSelection(scores, valid, valid, index)
 
   def gather(self, selection: BankSelection):
@@ -110,7 +116,7 @@ class BankLayerMemory:
         batch_axis=s.batch_axis, on_host=s.tier == "pinned_host")
 
 
-_PER_LAYER = ("router_keys", "content_k", "content_v", "layer")
+_PER_LAYER = ("router_keys", "router_key_scale", "content_k", "content_v", "layer")
 
 
 @flax.struct.dataclass
@@ -157,40 +163,74 @@ def content_footprint(plan: ShardPlan, num_layers: int, row_shape, content_dtype
       content_dtype).itemsize
 
 
-def view_from_arrays(plan: ShardPlan, mesh, router_layers, router_keys, content_k, content_v, *,
-                     tier: str, coupled: bool, batch_axis=None, store=None) -> BankMemoryView:
+def view_from_arrays(plan: ShardPlan, mesh, router_layers, keys, content_k, content_v, *,
+                     tier: str, coupled: bool, batch_axis=None, store=None,
+                     key_scale=None, routing_kernel: str = "auto") -> BankMemoryView:
   """A view over arrays already placed on `mesh` (sharded over `memory` along their row axis 1):
-  router_keys [L_r, S·C_s, Hkv, D] prepared f32; content [L_r, S·C_s, Hkv, D] or None
-  (tensorstore tier, which then reads through `store.read_rows`)."""
+  keys [L_r, S·C_s, Hkv, D] prepared router keys (`router_keys.prepare`; int8 with key_scale
+  [L_r, S·C_s, Hkv]); content [L_r, S·C_s, Hkv, D] or None (tensorstore tier, which then reads
+  through `store.read_rows`); `routing_kernel` picks the routing implementation
+  (`kernels.routing.api`)."""
+  api.resolve(routing_kernel)  # an unknown name fails here, not at the first request
   if tier not in tiers.TIERS:
     raise routing.RoutingError(f"unknown content tier {tier!r}; expected one of {tiers.TIERS}")
   if (tier == "tensorstore") != (content_k is None):
     raise routing.RoutingError(f"tier {tier!r} {'needs no' if content_k is None else 'needs'} "
                                "resident content arrays")
-  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MEMORY_AXIS))
-  table = lambda x: jax.make_array_from_callback(x.shape, sharded, lambda i: x[i])
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   everywhere = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i])
-  row_shape = tuple(router_keys.shape[2:])
-  dtype = jnp.dtype((content_k if content_k is not None else router_keys).dtype).name
+  row_shape = tuple(keys.shape[2:])
   if tier == "tensorstore":
     dtype = jnp.dtype(store.read_rows("content_k", 0, np.zeros(1, np.int64)).dtype).name
+  else:
+    dtype = jnp.dtype(content_k.dtype).name
   spec = BankSpec(mesh, plan.num_docs, plan.max_doc_chunks, tier, coupled, batch_axis, row_shape,
-                  dtype, None if store is None else _Identity(store))
+                  dtype, None if store is None else _Identity(store), routing_kernel)
   layers = BankLayerMemory(
-      router_keys=router_keys, content_k=content_k, content_v=content_v,
+      router_keys=keys, router_key_scale=key_scale, content_k=content_k, content_v=content_v,
       layer=everywhere(np.arange(len(router_layers), dtype=np.int32)),
-      chunk_doc=table(plan.chunk_doc.reshape(-1)), doc_index=table(plan.doc_index.reshape(-1)),
+      chunk_doc=routing.place_table(mesh, plan.chunk_doc.reshape(-1)),
+      doc_index=routing.place_table(mesh, plan.doc_index.reshape(-1)),
       doc_shard=everywhere(plan.doc_shard), doc_local_start=everywhere(plan.doc_local_start),
       doc_chunks=everywhere(plan.doc_chunks), spec=spec)
   return BankMemoryView(layers, tuple(router_layers))
 
 
+def place_router_keys(plan: ShardPlan, mesh, read_rows, num_layers: int, row_shape, key_dtype,
+                      msa: MSAConfig):
+  """Every router layer's keys [L_r, S·C_s, Hkv, D] in `key_dtype`, with scales [L_r, S·C_s, Hkv]
+  for int8 (else None), placed over `memory` and prepared for the score mode
+  (`router_keys.prepare`). `read_rows(name, r, rows)` reads stored rows (the `Bank` API)."""
+  key_dtype = jnp.dtype(key_dtype)
+  keys = _place(plan, mesh, read_rows, "router_keys", num_layers, row_shape, key_dtype)
+  scale = None
+  if router_keys.has_scale(key_dtype):
+    scale = _place(plan, mesh, read_rows, KEY_SCALES, num_layers, row_shape[:1], np.float32)
+  prepare = jax.jit(lambda k, s: router_keys.prepare(k, s, msa), donate_argnums=(0, 1),
+                    out_shardings=jax.tree.map(lambda x: x.sharding, (keys, scale)))
+  return prepare(keys, scale)
+
+
+def _place(plan: ShardPlan, mesh, read_rows, name: str, num_layers: int, row_shape, dtype,
+           memory_kind=None) -> jax.Array:
+  """Bank array `name` of every router layer, [L_r, S·C_s, *row_shape], placed over `memory`."""
+  shape = (num_layers, plan.num_shards * plan.slots_per_shard) + tuple(row_shape)
+
+  def read_shard(s):
+    return np.stack([tiers.read_chunk_block(lambda rows: read_rows(name, r, rows), plan, s,
+                                            row_shape, dtype) for r in range(num_layers)])
+
+  return tiers.place_rows(plan, mesh, read_shard, shape, dtype, row_axis=1,
+                          memory_kind=memory_kind)
+
+
 def open_view(bank, mesh, msa: MSAConfig, *, tier: str = "auto", batch_axis=None,
-              slot_multiple: int = 8) -> BankMemoryView:
+              slot_multiple: int = routing.SLOT_MULTIPLE,
+              routing_kernel: str = "auto") -> BankMemoryView:
   """Loads a bank onto `mesh` (which has a `memory` axis): router keys on the accelerators, sharded
   by whole documents balanced by chunk count; content in the tier `tier` ("auto": the first of
-  device, pinned_host, tensorstore that fits)."""
+  device, pinned_host, tensorstore that fits); routing by `routing_kernel`
+  (`kernels.routing.api`: "auto" is the fused kernel on GPU and TPU)."""
   if MEMORY_AXIS not in mesh.axis_names:
     raise routing.RoutingError(f"the mesh has no {MEMORY_AXIS!r} axis: {mesh.axis_names}")
   if tuple(bank.router_layers) != tuple(msa.router_layers):
@@ -203,10 +243,13 @@ def open_view(bank, mesh, msa: MSAConfig, *, tier: str = "auto", batch_axis=None
   layers = tuple(bank.router_layers)
   probe = bank.read_rows("content_k", 0, np.zeros(1, np.int64))
   row_shape, content_dtype = probe.shape[1:], probe.dtype
+  key_dtype = bank.read_rows("router_keys", 0, np.zeros(1, np.int64)).dtype
   device = mesh.devices.flat[0]
   host_kind = tiers.host_memory_kind(device)
   per_shard = content_footprint(plan, len(layers), row_shape, content_dtype)
-  keys_bytes = len(layers) * plan.slots_per_shard * int(np.prod(row_shape)) * 4
+  key_row = int(np.prod(row_shape)) * key_dtype.itemsize + (
+      4 * row_shape[0] if router_keys.has_scale(key_dtype) else 0)
+  keys_bytes = len(layers) * plan.slots_per_shard * key_row
   local_shards = len({d for d in mesh.devices.flat if d.process_index == jax.process_index()})
   tier = tiers.choose_tier(per_shard + keys_bytes, per_shard * local_shards,
                            free_device=tiers.free_device_bytes(mesh.devices.flat),
@@ -215,23 +258,14 @@ def open_view(bank, mesh, msa: MSAConfig, *, tier: str = "auto", batch_axis=None
     from jax.experimental import multihost_utils
     chosen = multihost_utils.process_allgather(np.int32(tiers.TIERS.index(tier)))
     tier = tiers.TIERS[int(np.max(chosen))]
-  shape = (len(layers), plan.num_shards * plan.slots_per_shard) + tuple(row_shape)
-
-  def place(name, dtype, memory_kind=None):
-    def read_shard(s):
-      return np.stack([tiers.read_chunk_block(lambda rows: bank.read_rows(name, r, rows), plan, s,
-                                              row_shape, dtype) for r in range(len(layers))])
-    return tiers.place_rows(plan, mesh, read_shard, shape, dtype, row_axis=1,
-                            memory_kind=memory_kind)
-
-  keys = place("router_keys", np.float32)
-  keys = jax.jit(lambda k: router.prepare_keys(k, msa), donate_argnums=0,
-                 out_shardings=keys.sharding)(keys)
+  keys, key_scale = place_router_keys(plan, mesh, bank.read_rows, len(layers), row_shape,
+                                      key_dtype, msa)
   content_k = content_v = None
   if tier != "tensorstore":
     kind = host_kind if tier == "pinned_host" else None
-    content_k, content_v = place("content_k", content_dtype, kind), place("content_v",
-                                                                          content_dtype, kind)
+    content_k, content_v = (_place(plan, mesh, bank.read_rows, name, len(layers), row_shape,
+                                   content_dtype, kind) for name in ("content_k", "content_v"))
   return view_from_arrays(plan, mesh, layers, keys, content_k, content_v, tier=tier,
                           coupled=not msa.decouple_router, batch_axis=batch_axis,
-                          store=bank if tier == "tensorstore" else None)
+                          store=bank if tier == "tensorstore" else None, key_scale=key_scale,
+                          routing_kernel=routing_kernel)

@@ -34,16 +34,18 @@ from msa_jax.data.batch_builder import build_memory_batch
 from msa_jax.data.tokenizer import CONTENT
 from msa_jax.formatting import format_duration
 from msa_jax.memory import manifest as mf
+from msa_jax.memory import store
 from msa_jax.memory.bank import check_model
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.errors import BankError
 from msa_jax.memory.lock import BankLock
 from msa_jax.memory.writer import (DEFAULT_ROWS_PER_CHUNK, BankWriter, EncodedBatch,
                                    remove_stale_temps)
-from msa_jax.model import entry_points
+from msa_jax.model import entry_points, router_keys
 
 _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 _encode_memory = jax.jit(entry_points.encode_memory, static_argnums=0)
+_quantize = jax.jit(router_keys.quantize, static_argnums=1)
 
 
 @dataclasses.dataclass
@@ -147,7 +149,7 @@ class _Encoder:
   """One `encode_corpus` call: the target bank's state and the per-batch work."""
 
   def __init__(self, model, params, tokenizer, out_dir: str, packing: _Packing, append: bool,
-               rows_per_chunk: int, lock: BankLock):
+               rows_per_chunk: int, key_dtype: str | None, lock: BankLock):
     self.model, self.params, self.tokenizer, self.lock = model, params, tokenizer, lock
     self.path = os.path.abspath(out_dir)
     self.packing = packing
@@ -161,7 +163,12 @@ class _Encoder:
     self.writer: BankWriter | None = None
     self.session: mf.EncodingSession | None = None
     self.used_ids: set[int] = set()
+    self.key_dtype = key_dtype or router_keys.DEFAULT_KEY_DTYPE
     self._open(append)
+    if key_dtype is not None and key_dtype != self.key_dtype:
+      raise BankError(f"bank {self.path} stores router keys in {self.key_dtype}, not the requested "
+                      f"{key_dtype}; a bank has one key dtype (convert it with "
+                      f"tools/convert_bank.py)")
 
   def _session(self, start_doc: int) -> mf.EncodingSession:
     p = self.packing
@@ -185,6 +192,7 @@ class _Encoder:
                       f"choose a new or empty output directory")
     manifest = mf.read_manifest(self.path)
     check_model(self.path, manifest, self.model.config, self.model.msa, self.params)
+    self.key_dtype = manifest.router_key_dtype
     session = manifest.encoding
     if session is None:
       if not append:
@@ -299,9 +307,12 @@ class _Encoder:
                       f"expected {doc_chunks.tolist()}")
     valid = chunk_doc > 0
     layers = encoded.view.layers
-    pooled = jax.device_get((layers.k_r, layers.k, layers.v))
-    batch = EncodedBatch(*(np.ascontiguousarray(x[:, valid]) for x in pooled), doc_chunks,
-                         np.array([d.display_id for d in docs], np.int64), [d.text for d in docs])
+    keys, scales = _quantize(layers.k_r, self.key_dtype)
+    keys, k, v, scales = jax.device_get((keys, layers.k, layers.v, scales))
+    pick = lambda x: None if x is None else np.ascontiguousarray(x[:, valid])
+    batch = EncodedBatch(pick(keys), pick(k), pick(v), doc_chunks,
+                         np.array([d.display_id for d in docs], np.int64), [d.text for d in docs],
+                         pick(scales))
     digest = self.session.digest
     for d in docs:
       digest = _chain(digest, d.display_id, d.text)
@@ -321,6 +332,8 @@ class _Encoder:
               "content_v": batch.content_v.dtype, "template_k": template_k.dtype,
               "template_v": template_k.dtype, "doc_chunk_offsets": np.int64,
               "display_ids": np.int64, "text_offsets": np.int64, "text": np.uint8}
+    if batch.router_key_scales is not None:
+      dtypes[store.KEY_SCALES] = batch.router_key_scales.dtype
     stamp = mf.now()
     return mf.BankManifest(
         format_version=mf.FORMAT_VERSION,
@@ -342,22 +355,27 @@ def _is_empty_dir(path: str) -> bool:
 def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str], out_dir: str, *,
                   batch_rows: int = 8, row_tokens: int = 4096,
                   max_docs_per_row: int | None = None, append: bool = False,
-                  rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK, progress_every_s: float = 10.0,
+                  rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK, router_key_dtype: str | None = None,
+                  progress_every_s: float = 10.0,
                   log: Callable[[str], None] = print,
                   on_commit: Callable[[EncodeStats], None] | None = None) -> EncodeStats:
   """Encodes `documents` (Documents or strings, in order) into the bank at `out_dir`.
 
   A new directory becomes a new bank; an interrupted one is resumed; `append=True` adds the
   documents to a finished bank (see the module doc). `max_docs_per_row` defaults to
-  row_tokens // P. `on_commit(stats)` runs after every committed batch (an exception there stops
-  the encode with that batch committed). Raises `BankError` for bad input, a foreign bank, a
-  mismatched resume or a bank another writer holds; documents committed before an error stay
-  committed and resumable.
+  row_tokens // P. `router_key_dtype` (`router_keys.KEY_DTYPES`): how a new bank stores its router
+  keys (default bfloat16); a resume or append keeps the bank's. `on_commit(stats)` runs after every
+  committed batch (an exception there stops the encode with that batch committed). Raises
+  `BankError` for bad input, a foreign bank, a mismatched resume or a bank another writer holds;
+  documents committed before an error stay committed and resumable.
   """
   for name, value in (("batch_rows", batch_rows), ("row_tokens", row_tokens),
                       ("rows_per_chunk", rows_per_chunk)):
     if value <= 0:
       raise BankError(f"{name} must be positive, got {value}")
+  if router_key_dtype is not None and router_key_dtype not in router_keys.KEY_DTYPES:
+    raise BankError(f"router_key_dtype must be one of {router_keys.KEY_DTYPES}, got "
+                    f"{router_key_dtype!r}")
   msa = model.msa
   if not msa.router_layers:
     raise BankError("the model has no router layers, so a bank would hold nothing")
@@ -366,7 +384,8 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
                      chunk_size=msa.chunk_size, max_positions=model.config.max_position_embeddings,
                      vocab_size=model.config.vocab_size, pad_id=tokenizer.pad_id)
   with BankLock(out_dir, log) as lock:
-    enc = _Encoder(model, params, tokenizer, out_dir, packing, append, rows_per_chunk, lock)
+    enc = _Encoder(model, params, tokenizer, out_dir, packing, append, rows_per_chunk,
+                   router_key_dtype, lock)
     return _run(enc, documents, progress_every_s, log, on_commit)
 
 

@@ -34,7 +34,8 @@ from msa_jax import config as cfglib
 from msa_jax.memory.errors import BankError
 from msa_jax.model.param_layout import unstack_layers
 
-FORMAT_VERSION = 2  # 2: the manifest checksums itself
+FORMAT_VERSION = 3  # 2: the manifest checksums itself; 3: router keys in bf16 or int8 (+ scales)
+CONVERTIBLE_VERSIONS = (2,)  # float32 router keys: `msa_jax.memory.convert` rewrites them
 MANIFEST_FILE = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"
 ENCODING_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -129,14 +130,23 @@ class BankManifest:
     out["router_layers"] = list(self.router_layers)
     return out
 
+  @property
+  def router_key_dtype(self) -> str:
+    return self.dtypes["router_keys"]
+
   @classmethod
-  def from_json(cls, obj: Any, where: str) -> "BankManifest":
+  def from_json(cls, obj: Any, where: str,
+                versions: tuple[int, ...] = (FORMAT_VERSION,)) -> "BankManifest":
     if not isinstance(obj, dict):
       raise BankError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     version = obj.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in versions:
+      how = "re-encode the corpus"
+      if version in CONVERTIBLE_VERSIONS:
+        how = (f"convert it with `python tools/convert_bank.py --bank={os.path.dirname(where)} "
+               f"--out=<new bank>` (router keys in bfloat16 by default), or {how}")
       raise BankError(f"{where}: bank format version {version!r}, but this msa_jax reads version "
-                      f"{FORMAT_VERSION}; re-encode the corpus")
+                      f"{FORMAT_VERSION}; {how}")
     names = [f.name for f in dataclasses.fields(cls)]
     missing = [n for n in names if n not in obj]
     if missing:
@@ -169,7 +179,9 @@ def manifest_path(bank_dir: str) -> str:
   return os.path.join(bank_dir, MANIFEST_FILE)
 
 
-def read_manifest(bank_dir: str) -> BankManifest:
+def read_manifest(bank_dir: str, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> BankManifest:
+  """The bank's manifest, checked against its own checksum; other format versions than
+  `versions` are refused (saying how to convert or re-encode)."""
   path = manifest_path(bank_dir)
   if not os.path.lexists(bank_dir):
     raise BankError(f"no bank at {bank_dir}: it does not exist")
@@ -182,12 +194,12 @@ def read_manifest(bank_dir: str) -> BankManifest:
       obj = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise BankError(f"{path}: corrupt manifest, not valid JSON ({e})") from None
-  if isinstance(obj, dict) and obj.get("format_version") == FORMAT_VERSION:
+  if isinstance(obj, dict) and obj.get("format_version") in versions:
     if obj.pop(MANIFEST_CHECKSUM, None) != content_digest(obj):
       raise BankError(f"{path}: the manifest does not match its checksum: it was edited or "
                       f"damaged after it was written (a bank's manifest must not be edited; "
                       f"encode the corpus again)")
-  return BankManifest.from_json(obj, path)
+  return BankManifest.from_json(obj, path, versions)
 
 
 def content_digest(obj: dict) -> str:

@@ -3,7 +3,8 @@
 The router keys of all documents lie on the `memory` mesh axis, whole documents per shard, shards
 balanced by chunk count and padded to one static size (`plan_shards`). Every shard scores its keys
 against the replicated router queries with the math of `msa_jax.model.router` (same reductions, score
-modes and coupled scaling), reduces to document scores, and keeps its local top-k; the shards
+modes and coupled scaling), reduces to document scores, and keeps its local top-k (the fused kernel
+of `msa_jax.kernels.routing` on GPU and TPU, which never writes a score array); the shards
 all-gather k (score, global document index) candidates each, and a global top-k picks the winners.
 No shard ever sees another shard's scores, and no [B, C] score matrix over the whole bank exists.
 
@@ -25,9 +26,11 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from msa_jax.config import MSAConfig
+from msa_jax.kernels.routing import api
 from msa_jax.model import router
 
 MEMORY_AXIS = "memory"
+SLOT_MULTIPLE = 256  # chunk slots per shard: whole key tiles for the routing kernels
 _NO_DOC = np.iinfo(np.int32).max  # the global index of an empty candidate: past every document
 
 
@@ -62,7 +65,8 @@ class ShardPlan:
   doc_index: np.ndarray
 
 
-def plan_shards(doc_chunk_offsets, num_shards: int, *, slot_multiple: int = 8) -> ShardPlan:
+def plan_shards(doc_chunk_offsets, num_shards: int, *,
+                slot_multiple: int = SLOT_MULTIPLE) -> ShardPlan:
   """Assigns whole documents to `num_shards` shards, balancing chunk counts (largest document first
   to the least-loaded shard, ties to the lower shard), and pads every shard to the same static number
   of chunk slots (a multiple of `slot_multiple`) and document columns."""
@@ -101,16 +105,17 @@ def plan_shards(doc_chunk_offsets, num_shards: int, *, slot_multiple: int = 8) -
                    doc_local_start, counts.astype(np.int32), chunk_rows, chunk_doc, doc_index)
 
 
-def _local_top_k(q, route_mask, keys, chunk_doc, doc_index, cfg: MSAConfig, k: int):
-  """One shard: prepared queries q [B,T,H,D] against its prepared keys [C_s,Hkv,D] -> its best
-  min(k, N_s) documents: (scores [B,k'], global indices [B,k'])."""
-  scores = jax.vmap(lambda qb, mb: router.prepared_chunk_scores(qb[None], mb[None], keys[None],
-                                                                cfg)[0])(q, route_mask)
-  columns = doc_index.shape[0]
-  doc, present = router.document_scores(scores, jnp.broadcast_to(chunk_doc, scores.shape), columns,
-                                        cfg.chunk_reduce)
-  top, col = lax.top_k(doc, min(k, columns))  # absent columns are -inf and sit after real ones
-  found = jnp.take_along_axis(present, col, axis=-1)
+def place_table(mesh, x: np.ndarray) -> jax.Array:
+  """A shard plan's table (`chunk_doc`, `doc_index`, flattened) sharded over `memory`."""
+  sharding = jax.sharding.NamedSharding(mesh, P(MEMORY_AXIS))
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
+def _local_top_k(q, route_mask, keys, key_scale, chunk_doc, doc_index, cfg: MSAConfig, k: int,
+                 implementation: str):
+  """One shard: its best min(k, N_s) documents: (scores [B,k'], global indices [B,k'])."""
+  top, col, found = api.top_k_documents(q, route_mask, keys, key_scale, chunk_doc,
+                                        doc_index.shape[0], cfg, k, implementation=implementation)
   return top, jnp.where(found, doc_index[col], _NO_DOC)
 
 
@@ -130,25 +135,27 @@ def _global_top_k(scores, index, k: int, num_docs: int):
 
 def route_sharded(q_r, route_mask, keys, chunk_doc, doc_index, cfg: MSAConfig, *, mesh,
                   num_docs: int, batch_axis: str | tuple[str, ...] | None = None,
-                  coupled_scale: bool = False):
+                  coupled_scale: bool = False, key_scale=None, implementation: str = "auto"):
   """Top-`cfg.top_k_docs` documents of each request over a sharded bank.
 
   q_r [B,T,H,D] raw router queries, route_mask [B,T]; keys [S·C_s, Hkv, D] prepared router keys
-  (`router.prepare_keys`), chunk_doc [S·C_s] and doc_index [S·N_s] from the `ShardPlan`, all three
-  sharded over `memory`. The batch is replicated, or sharded over `batch_axis`.
+  (`router_keys.prepare`; int8 keys with key_scale [S·C_s, Hkv]), chunk_doc [S·C_s] and doc_index
+  [S·N_s] from the `ShardPlan`, all sharded over `memory`. The batch is replicated, or sharded
+  over `batch_axis`. `implementation`: the shard's top-k (`kernels.routing.api`).
   Returns (scores [B,k] f32, doc_index [B,k] int32 (-1 = none), valid [B,k] bool), best first.
   """
   k = cfg.top_k_docs
   q = router.prepare_queries(q_r, cfg, coupled_scale=coupled_scale)
 
-  def per_shard(q, route_mask, keys, chunk_doc, doc_index):
-    top, idx = _local_top_k(q, route_mask, keys, chunk_doc, doc_index, cfg, k)
+  def per_shard(q, route_mask, chunk_doc, doc_index, keys, key_scale=None):
+    top, idx = _local_top_k(q, route_mask, keys, key_scale, chunk_doc, doc_index, cfg, k,
+                            implementation)
     top = lax.all_gather(top, MEMORY_AXIS, axis=1, tiled=True)
     idx = lax.all_gather(idx, MEMORY_AXIS, axis=1, tiled=True)
     return _global_top_k(top, idx, k, num_docs)
 
   rows = P(batch_axis)
+  args = (q, route_mask, chunk_doc, doc_index, keys) + (() if key_scale is None else (key_scale,))
   return jax.shard_map(per_shard, mesh=mesh,
-                       in_specs=(rows, rows, P(MEMORY_AXIS), P(MEMORY_AXIS), P(MEMORY_AXIS)),
-                       out_specs=(rows, rows, rows), check_vma=False)(
-                           q, route_mask, keys, chunk_doc, doc_index)
+                       in_specs=(rows, rows) + (P(MEMORY_AXIS),) * (len(args) - 2),
+                       out_specs=(rows, rows, rows), check_vma=False)(*args)

@@ -1,7 +1,10 @@
 """The bank's arrays on disk: tensorstore zarr3, each growing along one axis as batches commit.
 
   router_keys, content_k, content_v  [L_r, C, Hkv, D]  grow along C; storage chunks [1, R, Hkv, D]
-                                                        (R = rows_per_chunk) for row-range reads
+                                                        (R = rows_per_chunk) for row-range reads;
+                                                        router keys in the bank's key dtype
+                                                        (`msa_jax.model.router_keys`)
+  router_key_scales                  [L_r, C, Hkv]     float32, only beside int8 router keys
   template_k, template_v             [L, T, Hkv, D]    the template head's KV in every layer
   doc_chunk_offsets, text_offsets    [N + 1] int64     CSR offsets (chunk rows; text bytes)
   display_ids                        [N] int64
@@ -26,14 +29,25 @@ CHUNK_ARRAYS = ("router_keys", "content_k", "content_v")
 TEMPLATE_ARRAYS = ("template_k", "template_v")
 INDEX_ARRAYS = ("doc_chunk_offsets", "display_ids", "text_offsets")
 TEXT_ARRAY = "text"
-ALL_ARRAYS = CHUNK_ARRAYS + TEMPLATE_ARRAYS + INDEX_ARRAYS + (TEXT_ARRAY,)
+ALL_ARRAYS = CHUNK_ARRAYS + TEMPLATE_ARRAYS + INDEX_ARRAYS + (TEXT_ARRAY,)  # in every bank
+KEY_SCALES = "router_key_scales"
 _INDEX_CHUNK = 65536
 _TEXT_CHUNK = 1 << 20
 
 
+def row_arrays(dtypes) -> tuple[str, ...]:
+  """The arrays of a bank with these array dtypes (the manifest's) that hold one row per chunk."""
+  return CHUNK_ARRAYS + ((KEY_SCALES,) if KEY_SCALES in dtypes else ())
+
+
+def bank_arrays(dtypes) -> tuple[str, ...]:
+  """Every array of a bank with these array dtypes."""
+  return ALL_ARRAYS + ((KEY_SCALES,) if KEY_SCALES in dtypes else ())
+
+
 def grow_axis(name: str) -> int | None:
   """The axis an array grows along as documents commit (None: written once)."""
-  if name in CHUNK_ARRAYS:
+  if name in CHUNK_ARRAYS + (KEY_SCALES,):
     return 1
   if name in TEMPLATE_ARRAYS:
     return None
@@ -70,7 +84,7 @@ def open_array(bank_dir: str, name: str) -> ts.TensorStore:
 
 
 def chunk_shape_of(name: str, shape, rows_per_chunk: int) -> tuple[int, ...]:
-  if name in CHUNK_ARRAYS:
+  if grow_axis(name) == 1:
     return (1, rows_per_chunk) + tuple(shape[2:])
   if name in TEMPLATE_ARRAYS:
     return (1,) + tuple(shape[1:])

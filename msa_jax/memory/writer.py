@@ -31,8 +31,9 @@ DEFAULT_ROWS_PER_CHUNK = 256
 
 @dataclasses.dataclass
 class EncodedBatch:
-  """One batch's documents in bank order: chunk arrays [L_r, n, Hkv, D] (rows in document order),
-  each document's chunk count, display id and original text."""
+  """One batch's documents in bank order: chunk arrays [L_r, n, Hkv, D] (rows in document order;
+  router keys in the bank's key dtype, with scales [L_r, n, Hkv] for int8), each document's chunk
+  count, display id and original text."""
 
   router_keys: np.ndarray
   content_k: np.ndarray
@@ -40,6 +41,7 @@ class EncodedBatch:
   doc_chunks: np.ndarray
   display_ids: np.ndarray
   texts: Sequence[str]
+  router_key_scales: np.ndarray | None = None
 
 
 def remove_stale_temps(path: str, lock: BankLock) -> list[str]:
@@ -60,8 +62,9 @@ class BankWriter:
     lock.check()
     self.path = path
     self.manifest = manifest
-    self._arrays = {name: store.open_array(path, name) for name in store.ALL_ARRAYS}
-    for name in store.ALL_ARRAYS:
+    names = store.bank_arrays(manifest.dtypes)
+    self._arrays = {name: store.open_array(path, name) for name in names}
+    for name in names:
       if store.grow_axis(name) is not None:
         self._arrays[name] = store.resize(self._arrays[name], name,
                                           committed_length(manifest, name))
@@ -80,6 +83,8 @@ class BankWriter:
       hkv_d = template_k.shape[2:]
       layers = len(manifest.router_layers)
       shapes = {name: (layers, 0) + hkv_d for name in store.CHUNK_ARRAYS}
+      if store.KEY_SCALES in manifest.dtypes:
+        shapes[store.KEY_SCALES] = (layers, 0, hkv_d[0])
       shapes.update({"template_k": template_k.shape, "template_v": template_v.shape,
                      "doc_chunk_offsets": (1,), "text_offsets": (1,), "display_ids": (0,),
                      "text": (0,)})
@@ -92,7 +97,7 @@ class BankWriter:
       for name, value in initial.items():
         arrays[name].write(value).result()
         manifest.checksums[name] = [[0, int(value.shape[0]), mf.rows_digest(value)]]
-      for name in store.CHUNK_ARRAYS + ("display_ids", "text"):
+      for name in store.row_arrays(manifest.dtypes) + ("display_ids", "text"):
         manifest.checksums[name] = []
       mf.write_manifest(tmp, manifest)
       BankWriter(tmp, manifest, lock).commit(batch, session_digest)
@@ -117,6 +122,12 @@ class BankWriter:
             "text": (t0, np.frombuffer(text, np.uint8))}
     ends = {"router_keys": c1, "content_k": c1, "content_v": c1, "doc_chunk_offsets": n1 + 1,
             "display_ids": n1, "text_offsets": n1 + 1, "text": t1}
+    if batch.router_keys.dtype.name != m.router_key_dtype or (
+        (store.KEY_SCALES in self._arrays) != (batch.router_key_scales is not None)):
+      raise BankError(f"internal error: router keys of dtype {batch.router_keys.dtype} for a bank "
+                      f"of {m.router_key_dtype} keys")
+    if batch.router_key_scales is not None:
+      rows[store.KEY_SCALES], ends[store.KEY_SCALES] = (c0, batch.router_key_scales), c1
     futures = []
     for name, (start, values) in rows.items():
       self._arrays[name] = store.resize(self._arrays[name], name, ends[name])

@@ -18,7 +18,7 @@ from jax import lax
 
 from msa_jax.config import MSAConfig
 
-_EPS = 1e-12
+EPS = 1e-12
 
 
 @flax.struct.dataclass
@@ -36,17 +36,25 @@ class Selection:
 
 def l2_normalize(x):
   x = x.astype(jnp.float32)
-  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _EPS))
+  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), EPS))
 
 
-def _token_chunk_scores(q, k, head_reduce: str):
-  """q [B,T,H,D], k [B,C,Hkv,D] (f32) -> [B,T,C] reduced over heads."""
+def _as_operand(x, query_dtype):
+  """x rounded to the dtype it enters the score matmul in, computed on in float32."""
+  return x.astype(query_dtype).astype(jnp.float32)
+
+
+def _token_chunk_scores(q, k, head_reduce: str, query_dtype=jnp.float32):
+  """q [B,T,H,D], k [B,C,Hkv,D] (f32) -> [B,T,C] reduced over heads. The matmul's query operand
+  (the group sum for the head mean, each head for the max) is rounded to `query_dtype`."""
   b, t, h, d = q.shape
   c, hkv = k.shape[1], k.shape[2]
   qg = q.reshape(b, t, hkv, h // hkv, d)
   if head_reduce == "mean":
-    summed = jnp.sum(qg, axis=3).reshape(b, t, hkv * d)
+    summed = _as_operand(jnp.sum(qg, axis=3), query_dtype).reshape(b, t, hkv * d)
     return jnp.einsum("btx,bcx->btc", summed, k.reshape(b, c, hkv * d)) / h
+
+  qg = _as_operand(qg, query_dtype)
 
   def per_kv_head(best, j):  # head max: one KV group at a time, [B,T,G,C] at most
     s = jnp.einsum("btgd,bcd->btgc", qg[:, :, j], k[:, :, j])
@@ -86,9 +94,11 @@ def prepare_keys(k_r, cfg: MSAConfig):
   return l2_normalize(k) if cfg.score_mode == "cosine" else k
 
 
-def prepared_chunk_scores(q, route_mask, k, cfg: MSAConfig):
-  """Chunk scores [B,C] from prepared queries q [B,T,H,D] and prepared keys k [B,C,Hkv,D]."""
-  return _reduce_queries(_token_chunk_scores(q, k, cfg.head_reduce), route_mask, cfg.query_reduce)
+def prepared_chunk_scores(q, route_mask, k, cfg: MSAConfig, *, query_dtype=jnp.float32):
+  """Chunk scores [B,C] from prepared queries q [B,T,H,D] and prepared keys k [B,C,Hkv,D] (f32);
+  `query_dtype`: see `router_keys.query_dtype`."""
+  return _reduce_queries(_token_chunk_scores(q, k, cfg.head_reduce, query_dtype), route_mask,
+                         cfg.query_reduce)
 
 
 def chunk_scores(q_r, route_mask, k_r, cfg: MSAConfig, *, coupled_scale: bool = False):

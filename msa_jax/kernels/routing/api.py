@@ -1,0 +1,56 @@
+"""Picks a routing implementation for one shard's document top-k.
+
+  auto        pallas_gpu on a GPU, pallas_tpu on a TPU, reference elsewhere (CPU)
+  reference   plain jnp (`reference.py`): the truth, and every kernel's fallback
+  pallas_gpu  the fused kernel through Pallas Triton (`pallas_gpu.py`)
+  pallas_tpu  the fused kernel on Mosaic TPU (`pallas_tpu.py`)
+
+A Pallas kernel forced on CPU runs in interpret mode (that is how the tests run them). A kernel
+covers every head, query and chunk reduction, score mode and key dtype; it falls back to the
+reference, warning once per reason, on another backend than its own, or for shapes its compiler
+cannot take: GPU head_dim not a power of two >= 16, or chunk slots per shard not a multiple of 16;
+TPU head_dim not a multiple of 128, or chunk slots per shard not a multiple of 128.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+from msa_jax.config import MSAConfig
+from msa_jax.kernels.routing import pallas_gpu, pallas_tpu, reference
+
+IMPLEMENTATIONS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+_KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
+_BY_BACKEND = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+_warned: set[tuple[str, str]] = set()
+
+
+def resolve(implementation: str) -> str:
+  """The implementation `implementation` names on this backend ("auto" picks one)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown routing implementation {implementation!r}; choose from "
+                     f"{IMPLEMENTATIONS}")
+  if implementation == "auto":
+    return _BY_BACKEND.get(jax.default_backend(), "reference")
+  return implementation
+
+
+def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cfg: MSAConfig,
+                    k: int, *, implementation: str = "auto"):
+  """`reference.top_k_documents` (shapes, dtypes and result there) by `implementation`. The fused
+  kernels need each document's chunks to be one contiguous run, as a `ShardPlan` lays them out."""
+  name = resolve(implementation)
+  if name != "reference":
+    kernel = _KERNELS[name]
+    interpret = jax.default_backend() == "cpu"
+    why = kernel.unsupported(keys.shape, interpret=interpret)
+    if why is None:
+      return kernel.top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs, cfg, k,
+                                    interpret=interpret)
+    if (name, why) not in _warned:
+      _warned.add((name, why))
+      warnings.warn(f"routing: {name} cannot run this call ({why}); using the reference",
+                    stacklevel=2)
+  return reference.top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs, cfg, k)

@@ -1,0 +1,116 @@
+"""The fused routing kernel on NVIDIA GPUs, through Pallas' Triton backend; tested on CPU in
+interpret mode (and lowered for CUDA in the tests).
+
+Triton, not Mosaic GPU: Mosaic GPU's Pallas lowering in JAX 0.10 has no `dot_general` on values
+("Unimplemented primitive in Pallas Mosaic GPU lowering: dot_general", checked on this kernel): its
+matmuls are `plgpu.wgmma` into accumulator refs, with warpgroup semantics, and its interpreter is a
+private API, while this kernel's per-tile reductions and top-k rounds are value code. A Mosaic GPU
+port (wgmma over key tiles from `emit_pipeline`) is work for a session with a GPU.
+
+Grid (request blocks, partitions): a partition is a run of whole documents of about C/P chunks, so
+the P programs of a request block stream disjoint key ranges in parallel, one SM each, and each
+keeps its own K best; `fused.merge` takes the best k of the P·K. A program loops over its key tiles
+(Triton pipelines the loads); `fused` has the math.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from msa_jax.config import MSAConfig
+from msa_jax.kernels.routing import fused
+
+BLOCK_CHUNKS = 64
+PARTITIONS = 132  # one program per SM of an H100/H200 for a batch-1 request block
+
+
+def unsupported(keys_shape, *, interpret: bool, block_chunks: int = BLOCK_CHUNKS) -> str | None:
+  """Why this kernel cannot take keys of this shape on a GPU (None: it can)."""
+  if interpret:
+    return None
+  if jax.default_backend() != "gpu":
+    return f"pallas_gpu needs a GPU, not {jax.default_backend()}"
+  d = keys_shape[-1]
+  if d < 16 or d & (d - 1):
+    return f"head_dim {d} is not a power of two >= 16 (Triton's dot)"
+  if fused.tile_size(keys_shape[0], block_chunks) < 16:
+    return (f"{keys_shape[0]} chunk slots per shard are not a multiple of 16 (open the view with "
+            f"the default slot_multiple)")
+  return None
+
+
+def partition_bounds(chunk_doc, parts: int):
+  """[parts + 1] chunk indices splitting chunk_doc [C] into runs of whole documents: bound p is
+  the first document start at or after p·C/parts (C past the last)."""
+  c = chunk_doc.shape[0]
+  starts = jnp.concatenate([jnp.ones(1, bool), chunk_doc[1:] != chunk_doc[:-1]])
+  next_start = lax.cummin(jnp.where(starts, jnp.arange(c), c), reverse=True)
+  targets = jnp.arange(parts + 1) * c // parts
+  return jnp.where(targets < c, next_start[jnp.minimum(targets, c - 1)], c).astype(jnp.int32)
+
+
+def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cfg: MSAConfig,
+                    k: int, *, interpret: bool = False, block_chunks: int = BLOCK_CHUNKS,
+                    block_rows: int = 4, partitions: int = PARTITIONS):
+  """`reference.top_k_documents`, fused (see the module doc); `interpret` runs it on CPU."""
+  c = keys.shape[0]
+  ct = fused.tile_size(c, block_chunks)
+  rows = min(block_rows, fused.pow2(q.shape[0]))
+  if cfg.chunk_reduce == "mean":
+    rows = 16  # the same-document sums are a dot with the request block as N: Triton's minimum
+  spec, ops = fused.layout(q, route_mask, keys, key_scale, chunk_doc, cfg, k, block_rows=rows,
+                           block_chunks=ct)
+  parts = max(1, min(partitions, c // ct))
+  nb = ops.route.shape[0]
+  inputs = [partition_bounds(chunk_doc, parts), ops.continues, ops.queries, ops.route, ops.keys,
+            ops.chunk_doc] + [x for x in (ops.scale, ops.chunk_doc_row) if x is not None]
+  whole = pl.BlockSpec()  # the whole array: the kernel indexes it itself
+  in_specs = [whole] * 3 + [pl.BlockSpec((None, 1, spec.block_rows * spec.tokens),
+                                         lambda b, p: (b, 0, 0))] + [whole] * (len(inputs) - 4)
+  kept = (spec.keep, spec.block_rows)
+  out_spec = pl.BlockSpec((None, None) + kept, lambda b, p: (p, b, 0, 0))
+  values, columns = pl.pallas_call(
+      functools.partial(_kernel, spec),
+      grid=(nb, parts), in_specs=in_specs, out_specs=[out_spec, out_spec],
+      out_shape=[jax.ShapeDtypeStruct((parts, nb) + kept, jnp.float32),
+                 jax.ShapeDtypeStruct((parts, nb) + kept, jnp.int32)],
+      compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+  )(*inputs)
+  return fused.merge(values, columns, q.shape[0], min(k, num_docs))
+
+
+def _kernel(spec: fused.Spec, bounds_ref, continues_ref, queries_ref, route_ref, keys_ref,
+            chunk_doc_ref, *refs):
+  refs = list(refs)
+  scale_ref = refs.pop(0) if spec.scaled else None
+  row_ref = refs.pop(0) if spec.chunk_reduce == "mean" else None
+  values_ref, columns_ref = refs
+  b, p = pl.program_id(0), pl.program_id(1)
+  lo, hi = bounds_ref[p], bounds_ref[p + 1]
+  ct, d, bt = spec.block_chunks, spec.head_dim, spec.block_rows * spec.tokens
+  route = route_ref[...]
+  requests = pl.ds(pl.multiple_of(b * bt, bt), bt)
+
+  def step(t, state):
+    rows = pl.ds(pl.multiple_of(t * ct, ct), ct)
+    chunk_doc = chunk_doc_ref[rows, :]
+    index = t * ct + lax.broadcasted_iota(jnp.int32, (ct, 1), 0)
+    return fused.tile_step(
+        state, spec,
+        load_keys=lambda j: keys_ref[rows, pl.ds(j * d, d)],
+        load_scale=lambda j: scale_ref[rows, pl.ds(j, 1)],
+        load_queries=lambda i: queries_ref[i, requests, :],
+        route=route, chunk_doc=chunk_doc,
+        chunk_doc_row=None if row_ref is None else row_ref[:, rows],
+        live=(chunk_doc > 0) & (index >= lo) & (index < hi), continues=continues_ref[t])
+
+  state = lax.fori_loop(lo // ct, (hi + ct - 1) // ct, step, fused.init_state(spec))
+  values_ref[...] = state.values
+  columns_ref[...] = state.columns
