@@ -17,6 +17,7 @@ from msa_jax.inference.engine import Engine, EngineError, _routing
 from msa_jax.inference.requests import Request, SamplingConfig
 from msa_jax.memory.bank_view import open_view
 from msa_jax.model import entry_points
+from msa_jax.kernels.segment_attention import blockwise
 from msa_jax.model.memory_view import MemoryView
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.sharding import make_mesh
@@ -113,6 +114,34 @@ def test_cached_decode_equals_fresh_prefill_and_appends_compose(setup):
                              atol=1e-5)
   with pytest.raises(EngineError, match="room"):
     engine.append(state, [[1] * 6, []])
+
+
+def test_decode_streams_cache_tiles_like_the_dense_reference(setup, monkeypatch):
+  """Decode attends over the cache through the blockwise dispatch: with 8-token tiles the cache
+  spans several key tiles (and the query tile is sized to the new tokens), and the appended
+  tokens' logits equal the dense reference's."""
+  model, params, _ = setup
+  traced = []  # (queries, block_q) of every blockwise call traced
+  original = blockwise.segment_attention
+
+  def recording(q, *args):
+    traced.append((q.shape[1], args[-2]))
+    return original(q, *args)
+
+  monkeypatch.setattr(blockwise, "segment_attention", recording)
+  encoded = entry_points.encode_memory(model, params, _batch([_request([70])], [])[0],
+                                       jnp.asarray(HEAD))
+  tiled = model.clone(config=model.config.replace(attention_block=8))
+  dense = model.clone(attention_impl="reference")
+  logits = []
+  for m in (tiled, dense):
+    engine = Engine(m, params, encoded.view, max_batch=2)
+    state, _ = engine.prefill(REQUESTS[:2], budget=8)
+    state = engine.append(state, [[200, 201, 202], [210]])
+    state = engine.append(state, [[203], [211]])
+    logits.append(np.asarray(state.logits)[:2])
+  assert (3, 4) in traced and (1, 1) in traced  # the appends went through blockwise
+  np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
 
 
 def test_batching_and_padding_do_not_change_tokens(setup):

@@ -96,10 +96,14 @@ class MSADecoderLayer(nn.Module):
       if layer_cache is not None:
         layer_cache, q_idx = layer_cache.append(k, v, q_seg)
         outputs["cache"] = layer_cache
-        # a few new queries against the whole cache: the dense kernel (blockwise would pad the
-        # queries to a full tile)
-        attended = segment_attention(q, layer_cache.k, layer_cache.v, q_seg, q_idx, layer_cache.seg,
-                                     layer_cache.idx, implementation="reference")
+        # a few new queries against the whole cache: query tiles sized to them, key tiles
+        # streamed (the cache's empty tail and unseen tiles are skipped, no [B, H, n, S] scores)
+        n = q.shape[1]
+        attended = segment_attention(
+            q, layer_cache.k, layer_cache.v, q_seg, q_idx, layer_cache.seg, layer_cache.idx,
+            implementation=self.attention_impl, block_q=min(1 << (n - 1).bit_length(),
+                                                            self.config.attention_block),
+            block_kv=self.config.attention_block)
         return (x_mem, finish(x_prompt, attended)), outputs
       if self.is_router_layer and layer_memory is not None:
         q_r = attn.router_projections(h)[0] if self.msa.decouple_router else q
