@@ -31,6 +31,9 @@ _SET = flags.DEFINE_multi_string("set", [], "Config override key.path=value (JSO
 _PAUSE_AFTER = flags.DEFINE_integer(
     "pause_after_step", None, "End cleanly after this step (checkpoint + <workdir>/snapshot); rerun "
     "on the same workdir to continue. For jobs with a time limit.")
+_PAUSE_AFTER_SECONDS = flags.DEFINE_float(
+    "pause_after_seconds", None, "Like --pause_after_step, after the first step that ends this "
+    "many seconds after the start. For jobs with a wall-clock limit.")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume even though the config changes what trained the "
     "workdir's checkpoints (recorded in <workdir>/history.jsonl).")
@@ -51,6 +54,7 @@ def main(argv):
   batches = data_setup.data_for_phase(cfg.data, cfg.phases, msa, tokenizer)
   result = train(cfg, _WORKDIR.value, batches, vocab_size=tokenizer.vocab_size,
                  tokenizer_file=tokenizer_file, pause_after=_PAUSE_AFTER.value,
+                 pause_after_seconds=_PAUSE_AFTER_SECONDS.value,
                  allow_config_change=_ALLOW_CHANGE.value)
   if result.final_dir:
     print(f"final model: {result.final_dir}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Callable, Protocol
 
 import jax
@@ -102,18 +103,30 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+def _past_deadline(started: float, seconds: float) -> bool:
+  """Whether `seconds` have passed since `started`, by process 0's clock on every host."""
+  past = time.monotonic() - started >= seconds
+  if jax.process_count() > 1:
+    past = bool(multihost_utils.broadcast_one_to_all(np.asarray(past)))
+  return past
+
+
 def train(cfg: TrainConfig, workdir: str,
           data_for_phase: Callable[[int], BatchIterator], *, vocab_size: int | None = None,
           tokenizer_file: str | None = None, stop_after: int | None = None,
-          pause_after: int | None = None, allow_config_change: bool = False,
+          pause_after: int | None = None, pause_after_seconds: float | None = None,
+          allow_config_change: bool = False,
           printer: Callable[[str], None] = _log) -> TrainResult:
   """Runs (or resumes) `cfg` in `workdir`. `data_for_phase(i)` gives phase i's batch iterator.
 
   `pause_after=n` ends the run cleanly after step n (a checkpoint, and the current model exported to
   `<workdir>/snapshot`), so a long run can be split over time-limited jobs; rerunning on the same
-  workdir continues it exactly. A resume under a changed config is refused (`TrainConfigError`
+  workdir continues it exactly. `pause_after_seconds=t` pauses the same way after the first step
+  that ends t seconds or more after the call began (for jobs with a wall-clock limit; on several
+  hosts process 0's clock decides, so every host pauses after the same step). A resume under a changed config is refused (`TrainConfigError`
   listing the fields) unless the changes are declared safe or `allow_config_change`.
   `stop_after=n` (tests) raises `SimulatedKill` as a kill would."""
+  started = time.monotonic()
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -177,7 +190,9 @@ def train(cfg: TrainConfig, workdir: str,
     step += 1
     metrics["lr"] = schedule(phase_step)
     phase_end = step == cfg.phase_start(index + 1)
-    pause = pause_after is not None and step >= pause_after and step < cfg.total_steps
+    pause = step < cfg.total_steps and (
+        (pause_after is not None and step >= pause_after) or
+        (pause_after_seconds is not None and _past_deadline(started, pause_after_seconds)))
     save = step % cfg.checkpoint_every == 0 or phase_end or pause
     log.record(step, phase.name, metrics, tokens, flush=save)
     if save:
