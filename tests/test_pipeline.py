@@ -188,6 +188,27 @@ def test_packing_never_splits_a_document(tok):
       assert starts == n and seg.max() == len(docs)
 
 
+def test_aligned_packing_puts_every_closing_id_in_its_own_chunk(tok):
+  """Byte tokenizer oracle: `<|im_start|>` is one token, every other byte one token."""
+  records = _records(12)
+  p = 8
+  for mem, prompt in _take(make_iterator(records, tok, _cfg(batch_size=4, doc_align_to=p)), 6):
+    for row, index in enumerate(_record_ids((mem, prompt), tok)):
+      for d, text in enumerate(records[index].documents):
+        span = np.flatnonzero(mem.segment_ids[row] == d + 1)
+        tokens = mem.tokens[row, span]
+        body = 1 + len(f"[{d}]. {text}".encode())
+        close = len(f"[{d}]".encode()) + 1
+        start = -(-body // p) * p
+        assert span.size == start + close
+        assert tok.decode(tokens[:body]) == f"<|im_start|>[{d}]. {text}"
+        assert (tokens[body:start] == tok.pad_id).all()
+        assert tok.decode(tokens[start:]) == f"[{d}]<|im_end|>"
+        last = mem.chunk_ids[row, span[-1]]  # the closing id is the document's last chunk, alone
+        assert (mem.chunk_ids[row] == last).sum() == close
+        assert (mem.chunk_ids[row, span[start:]] == last).all()
+
+
 def test_document_longer_than_a_row_raises(tok):
   records = _records(6)
   records[3] = make_record(["short", "x" * 300], "question 3?", "a", [[1]])
