@@ -23,6 +23,7 @@ from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.api import LoadedModel
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.synthetic import memory_pool
+from msa_jax.data.transcript import document_length_fn
 from msa_jax.inference import qa_eval, serving
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.queries import Query
@@ -103,12 +104,13 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
   if not sizes or sizes[0] <= 0:
     raise ValueError(f"memory sizes must be positive, got {settings.sizes}")
   tokenizer = loaded.tokenizer
-  length = lambda text: len(tokenizer.encode(text))
+  align_to = loaded.msa_config.doc_align_to
+  length = document_length_fn(tokenizer, align_to)
   start = time.perf_counter()
   pool = memory_pool.build_pool(
       sizes[-1], num_single=settings.num_single, num_multi=settings.num_multi,
       seed=settings.seed, length_fn=length, min_doc_tokens=settings.min_doc_tokens,
-      max_doc_tokens=settings.max_doc_tokens)
+      max_doc_tokens=settings.max_doc_tokens, align_to=align_to)
   log(f"built a pool of {len(pool.documents)} documents ({pool.num_gold} gold) for "
       f"{len(pool.questions)} questions in {time.perf_counter() - start:.1f} s")
   log(f"no memory: the {len(pool.questions)} questions asked of 0 documents")

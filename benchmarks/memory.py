@@ -313,8 +313,8 @@ def bench_fetch_store(settings, bank, msa, progress) -> list[dict[str, Any]]:
 
 def bench_encode(settings, out_dir: str, progress):
   """Encodes a random-text corpus with random weights; returns (result, bank path)."""
-  from msa_jax.data import prompt_format as pf  # pylint: disable=import-outside-toplevel
   from msa_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  from msa_jax.data.transcript import document_ids  # pylint: disable=import-outside-toplevel
   from msa_jax.memory.encode import encode_corpus  # pylint: disable=import-outside-toplevel
   from msa_jax.model.model import MSAForCausalLM  # pylint: disable=import-outside-toplevel
 
@@ -329,7 +329,7 @@ def bench_encode(settings, out_dir: str, progress):
   while sum(lengths) < settings.encode_tokens:
     n_words = int(rng.integers(settings.doc_tokens[0], settings.doc_tokens[1] + 1)) // 2
     text = " ".join(rng.choice(_WORDS, max(1, n_words)))
-    n = len(tok.encode(pf.wrap_document(len(texts), text)))
+    n = len(document_ids(tok, len(texts), text, msa.doc_align_to))
     if n > limit:
       continue
     texts.append(text)

@@ -18,6 +18,7 @@ import msa_jax
 from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
 from msa_jax.data.synthetic import TASKS, generate
+from msa_jax.data.transcript import document_length_fn
 from msa_jax.jsonl_log import JsonlLog
 from msa_jax.training.eval_memory_qa import EvalShapes, evaluate, format_summary
 
@@ -48,10 +49,11 @@ def main(argv):
     record_log.read()  # a log of other settings is refused now, not after loading
   loaded = msa_jax.load(_CHECKPOINT.value)
   tokenizer = loaded.tokenizer
-  length = lambda text: len(tokenizer.encode(text))
+  align_to = loaded.msa_config.doc_align_to
+  length = document_length_fn(tokenizer, align_to)
   records = [generate(_TASK.value, _SEED.value, i, memory_tokens=_MEMORY.value, length_fn=length,
                       min_doc_tokens=_MIN_DOC.value, max_doc_tokens=_MAX_DOC.value,
-                      max_docs=_MAX_DOCS.value) for i in range(_NUM.value)]
+                      max_docs=_MAX_DOCS.value, align_to=align_to) for i in range(_NUM.value)]
   shapes = EvalShapes(seq_len_mem=_MEMORY.value, max_docs=_MAX_DOCS.value,
                       seq_len_prompt=_PROMPT.value)
   start = time.perf_counter()

@@ -92,6 +92,12 @@ class MSAConfig:
   `rec_loss_weight` is kept for round trips only (see `losses.LossWeights`). The aux loss counts
   the router layers with index >= `aux_loss_min_layer`: 0 (ours) counts every router layer, a
   converted MSA config.json gets num_layers // 2 (the official code hard-codes it).
+
+  `align_doc_id` pads each memory document's body with pad tokens to a multiple of `chunk_size`,
+  so its closing `[id]<|im_end|>` is a chunk of its own (the last one, which attends over the whole
+  document) rather than sharing chunk means with filler text: a small model can then read the id
+  it must write from one pooled chunk. False is the official layout, what converted checkpoints
+  were trained on.
   """
 
   router_layers: tuple[int, ...] = ()
@@ -113,6 +119,7 @@ class MSAConfig:
   answer_loss_weight: float = 0.0
   rec_loss_weight: float = 0.0
   aux_loss_min_layer: int = 0
+  align_doc_id: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "router_layers", tuple(sorted({int(i) for i in self.router_layers})))
@@ -129,11 +136,18 @@ class MSAConfig:
       raise ConfigError(f"router layer indices must be >= 0, got {self.router_layers}")
     if self.aux_loss_min_layer < 0:
       raise ConfigError(f"aux_loss_min_layer must be >= 0, got {self.aux_loss_min_layer}")
+    if not isinstance(self.align_doc_id, bool):
+      raise ConfigError(f"align_doc_id must be a bool, got {self.align_doc_id!r}")
 
   @property
   def aux_layers(self) -> tuple[int, ...]:
     """The router layers the aux loss counts (a suffix of `router_layers`)."""
     return tuple(i for i in self.router_layers if i >= self.aux_loss_min_layer)
+
+  @property
+  def doc_align_to(self) -> int:
+    """What a document's body is padded to a multiple of (0: not padded)."""
+    return self.chunk_size if self.align_doc_id else 0
 
   @property
   def question_position(self) -> int:
@@ -226,7 +240,8 @@ def from_hf_config(hf: Mapping[str, Any], *, score_mode: str | None = None,
   A plain Qwen3 gets the paper's MSA defaults (router layers = upper half, k=16, P=64). An MSA config
   reproduces the official inference's score gating unless `score_mode` overrides it, and its aux
   loss counts the layers >= num_layers // 2 as the official code's does (unless the file carries our
-  `aux_loss_min_layer`, which `to_hf_config` writes).
+  `aux_loss_min_layer`, which `to_hf_config` writes). Documents keep the official layout unless
+  it carries our `align_doc_id`.
   """
   model_type = hf.get("model_type")
   if model_type not in ("qwen3", "msa"):
@@ -273,7 +288,8 @@ def from_hf_config(hf: Mapping[str, Any], *, score_mode: str | None = None,
         aux_loss_weight=float(mc.get("auxloss_weight", 0.1)),
         answer_loss_weight=float(mc.get("ansloss_weight", 1.0)),
         rec_loss_weight=float(mc.get("recloss_weight", 0.0)),
-        aux_loss_min_layer=int(mc.get("aux_loss_min_layer", model.num_layers // 2)))
+        aux_loss_min_layer=int(mc.get("aux_loss_min_layer", model.num_layers // 2)),
+        align_doc_id=_as_bool(mc.get("align_doc_id", False)))
   if score_mode is not None:
     msa = msa.replace(score_mode=score_mode)
   return model, msa.validate_for(model)
@@ -319,6 +335,8 @@ def to_hf_config(model: ModelConfig, msa: MSAConfig | None, *, base: Mapping[str
       "ansloss_weight": msa.answer_loss_weight, "recloss_weight": msa.rec_loss_weight,
       "aux_loss_min_layer": msa.aux_loss_min_layer,
   }
+  if msa.align_doc_id:  # ours; written only when set, so the official layout exports unchanged
+    out["msa_config"]["align_doc_id"] = True
   return out
 
 

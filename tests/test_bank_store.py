@@ -18,7 +18,9 @@ import pytest
 from msa_jax import config as cfglib
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_memory_batch
+from msa_jax.data.records import make_record
 from msa_jax.data.tokenizer import Tokenizer
+from msa_jax.data.transcript import record_step_sample
 from msa_jax.memory import BankError, open_bank
 from msa_jax.memory import manifest as mf
 from msa_jax.memory.convert import convert_bank
@@ -376,6 +378,41 @@ def test_foreign_bank_is_refused(setup, reference_bank):
     encode_corpus(model, other_params, tok, ["moon"], str(path), append=True,
                   batch_rows=BATCH_ROWS, row_tokens=ROW_TOKENS, log=lambda s: None)
   assert open_bank(str(path)).num_docs == len(WORD_COUNTS)
+
+
+def test_an_aligned_bank_holds_the_training_ids(setup, reference_bank, tmp_path):
+  """With align_doc_id a bank encodes each document from the ids its training samples hold
+  (`record_step_sample`): its chunks equal those ids encoded alone. A bank of the other layout is
+  another model configuration; official-layout banks keep their fingerprint."""
+  model, params, tok = setup
+  aligned = MSAForCausalLM(model.config, model.msa.replace(align_doc_id=True))
+  p = aligned.msa.chunk_size
+  texts, ids = _texts([1, 5, 9, 30]), [7, 12, 300, 4]
+  path = str(tmp_path / "aligned")
+  stats = encode_corpus(aligned, params, tok, [Document(t, i) for t, i in zip(texts, ids)], path,
+                        batch_rows=BATCH_ROWS, row_tokens=ROW_TOKENS, log=lambda s: None)
+  record = make_record(texts, "which?", "this", [[0]], doc_ids=ids)
+  docs = record_step_sample(record, 0, tok, align_to=p).documents
+  assert docs != record_step_sample(record, 0, tok).documents
+  assert stats.tokens == sum(len(d) for d in docs)
+  bank = open_bank(path, aligned.config, aligned.msa, params=params, verify="full")
+  encode = jax.jit(entry_points.encode_memory, static_argnums=0)
+  template = np.asarray(tok.encode(pf.TEMPLATE_HEAD), np.int32)
+  memory = build_memory_batch([[d] for d in docs], batch_rows=len(docs), seq_len_mem=ROW_TOKENS,
+                              max_docs=ROW_TOKENS // p, chunk_size=p, pad_id=tok.pad_id)
+  alone = jax.tree.map(np.asarray, encode(aligned, params, memory, template).view.layers)
+  for b, doc in enumerate(docs):
+    start, stop = bank.doc_chunks(b)
+    assert stop - start == -(-len(doc) // p) and int(bank.display_ids[b]) == ids[b]
+    for r in range(len(aligned.msa.router_layers)):
+      for name, want in (("content_k", alone.k), ("content_v", alone.v)):
+        np.testing.assert_allclose(bank.read(name, r, start, stop), want[r, b, :stop - start],
+                                   rtol=0, atol=1e-5, err_msg=name)
+  with pytest.raises(BankError, match=r"msa.align_doc_id: bank True, given False"):
+    open_bank(path, model.config, model.msa)
+  with pytest.raises(BankError, match=r"msa.align_doc_id: bank False, given True"):
+    open_bank(str(reference_bank[0]), aligned.config, aligned.msa)
+  assert "msa.align_doc_id" not in mf.encoding_config(model.config, model.msa)
 
 
 def _copy(path, tmp_path):

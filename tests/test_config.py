@@ -1,8 +1,10 @@
 """ModelConfig / MSAConfig: presets, validation, Hugging Face config.json in and out."""
 
+import numpy as np
 import pytest
 
 from msa_jax import config as cfglib
+from msa_jax.checkpoint import convert
 from msa_jax.config import ConfigError, MSAConfig, ModelConfig
 
 QWEN3_V5 = {
@@ -105,6 +107,35 @@ def test_own_json_without_the_new_fields_keeps_defaults():
   for key in ("aux_loss_min_layer", "rec_loss_weight"):
     del d["msa"][key]
   assert cfglib.config_from_dict(d) == (model, msa)
+
+
+def test_align_doc_id_round_trips_and_defaults_to_the_official_layout(tmp_path):
+  model, msa = cfglib.preset("tiny")
+  assert not msa.align_doc_id and msa.doc_align_to == 0
+  aligned = msa.replace(align_doc_id=True)
+  assert aligned.doc_align_to == msa.chunk_size == 4
+  # our JSON: kept; a file from before the field reads as the official layout
+  assert cfglib.config_from_dict(cfglib.config_to_dict(model, aligned)) == (model, aligned)
+  d = cfglib.config_to_dict(model, aligned)
+  del d["msa"]["align_doc_id"]
+  assert cfglib.config_from_dict(d) == (model, msa)
+  # HF config.json: written only when set (an official export is unchanged), read back
+  assert "align_doc_id" not in cfglib.to_hf_config(model, msa)["msa_config"]
+  hf = cfglib.to_hf_config(model, aligned)
+  assert hf["msa_config"]["align_doc_id"] is True
+  assert cfglib.from_hf_config(hf, compute_dtype=model.compute_dtype)[1].align_doc_id
+  assert not cfglib.from_hf_config(cfglib.to_hf_config(model, msa))[1].align_doc_id
+  official = dict(QWEN3_V5, model_type="msa", msa_config={"router_layer_idx": "18,19"})
+  assert not cfglib.from_hf_config(official)[1].align_doc_id
+  assert not cfglib.from_hf_config(QWEN3_V5)[1].align_doc_id
+  # saved with a checkpoint and loaded back
+  out = convert.write_checkpoint_dir(str(tmp_path / "ckpt"), model, aligned,
+                                     {"w": np.zeros(2, np.float32)})
+  meta, model2, msa2 = convert.read_meta(out)
+  assert (model2, msa2) == (model, aligned)
+  assert meta["hf_config"]["msa_config"]["align_doc_id"] is True
+  with pytest.raises(ConfigError, match="align_doc_id must be a bool"):
+    MSAConfig(align_doc_id="yes")
 
 
 def test_own_json_round_trip():

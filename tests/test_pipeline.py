@@ -13,7 +13,11 @@ from msa_jax.data.pipeline import (PipelineConfig, choose_step, iterator_state_f
                                    iterator_state_to_json, make_dataset, make_iterator)
 from msa_jax.data.records import make_record
 from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
-from msa_jax.data.transcript import num_steps, record_step_sample
+from msa_jax.config import MSAConfig
+from msa_jax.data.synthetic import world_tokenizer
+from msa_jax.data.transcript import document_ids, num_steps, record_step_sample, record_step_samples
+from msa_jax.training import data_setup
+from msa_jax.training.train_config import DataConfig, PhaseConfig
 
 MEM_BUCKETS = (64, 128, 256)
 PROMPT_BUCKETS = (256, 384)
@@ -186,6 +190,58 @@ def test_packing_never_splits_a_document(tok):
         np.testing.assert_array_equal(mem.positions[row, span], np.arange(len(ids)))
         starts += len(ids)
       assert starts == n and seg.max() == len(docs)
+
+
+def test_aligned_packing_puts_every_closing_id_in_its_own_chunk(tok):
+  """Byte tokenizer oracle: `<|im_start|>` is one token, every other byte one token."""
+  records = _records(12)
+  p = 8
+  for mem, prompt in _take(make_iterator(records, tok, _cfg(batch_size=4, doc_align_to=p)), 6):
+    for row, index in enumerate(_record_ids((mem, prompt), tok)):
+      for d, text in enumerate(records[index].documents):
+        span = np.flatnonzero(mem.segment_ids[row] == d + 1)
+        tokens = mem.tokens[row, span]
+        body = 1 + len(f"[{d}]. {text}".encode())
+        close = len(f"[{d}]".encode()) + 1
+        start = -(-body // p) * p
+        assert span.size == start + close
+        assert tok.decode(tokens[:body]) == f"<|im_start|>[{d}]. {text}"
+        assert (tokens[body:start] == tok.pad_id).all()
+        assert tok.decode(tokens[start:]) == f"[{d}]<|im_end|>"
+        last = mem.chunk_ids[row, span[-1]]  # the closing id is the document's last chunk, alone
+        assert (mem.chunk_ids[row] == last).sum() == close
+        assert (mem.chunk_ids[row, span[start:]] == last).all()
+
+
+@pytest.mark.parametrize("chunk_size", [8, 64])
+def test_aligned_synthetic_memories_fit_their_budget(chunk_size):
+  """Budgets count the aligned layout exactly: 50 records of a small memory (tight gold shares,
+  ids up to 5 digits drawn after budgeting) never overflow it, through the training pipeline."""
+  world = world_tokenizer()
+  memory_tokens = 512
+  data = DataConfig(tasks={t: 1.0 for t in ("fact_lookup", "multi_hop", "niah_single",
+                                            "niah_multi_key", "niah_multi_value")},
+                    min_doc_tokens=16, max_doc_tokens=256, doc_id_max=100000, num_records=50,
+                    max_docs=128, batch_size=5, prompt_buckets=(4096,))
+  phase = PhaseConfig(name="p", steps=1, peak_lr=1e-3, end_lr=1e-4, memory_tokens=memory_tokens)
+  msa = MSAConfig(chunk_size=chunk_size, align_doc_id=True)
+  source = data_setup.record_source(data, phase, world, seed=0, align_to=msa.doc_align_to)
+  used = []
+  for i in range(len(source)):
+    record = source[i]
+    sample = record_step_samples(record, world, align_to=chunk_size)[0]
+    assert sample.documents == [document_ids(world, d, text, chunk_size)
+                                for d, text in zip(record.doc_ids, record.documents)]
+    used.append(sample.memory_len)
+    assert sample.memory_len <= memory_tokens, i
+  assert max(used) > memory_tokens * 3 // 4  # memories are filled, not tiny
+  cfg = dataclasses.replace(data_setup.pipeline_config(data, phase, msa, seed=0), num_epochs=1,
+                            read_threads=1)
+  assert cfg.doc_align_to == chunk_size and cfg.mem_buckets == (memory_tokens,)
+  batches = list(make_iterator(source, world, cfg))  # a row past its bucket would raise
+  assert len(batches) == 10
+  for mem, _ in batches:
+    assert mem.tokens.shape[1] == memory_tokens
 
 
 def test_document_longer_than_a_row_raises(tok):

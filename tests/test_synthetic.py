@@ -11,8 +11,9 @@ from msa_jax.data.records import Record
 from msa_jax.data.synthetic import (TASKS, build_world_tokenizer, count_tokens, default_length_fn,
                                     generate, generate_mix, pick_task, save_world_tokenizer,
                                     world_tokenizer)
-from msa_jax.data.synthetic import world
+from msa_jax.data.synthetic import memory_pool, world
 from msa_jax.data.tokenizer import Tokenizer
+from msa_jax.data.transcript import document_ids, document_length_fn
 
 TOK = world_tokenizer()
 MEMORY = 3000
@@ -168,6 +169,34 @@ def test_memory_budget_errors_and_caps():
   # gold documents are kept within an even share of a small memory, so this never raises
   for i in range(20):
     assert wrapped_total(generate("niah_multi_query", 0, i, memory_tokens=700)) <= 700
+
+
+@pytest.mark.parametrize("align_to", [8, 64])
+def test_aligned_gold_documents_leave_room_for_their_padding(align_to):
+  """With the aligned layout's exact length, gold documents still fit their even share of a small
+  memory (at P=64, without `align_to` some would not), and align_to=0 is the official record."""
+  length = document_length_fn(TOK, align_to)
+  for task in ("multi_hop", "niah_multi_key", "niah_multi_query"):
+    for i in range(20):
+      r = generate(task, 0, i, memory_tokens=512, max_doc_tokens=256, length_fn=length,
+                   align_to=align_to)
+      total = sum(len(document_ids(TOK, k, d, align_to)) for k, d in zip(r.doc_ids, r.documents))
+      assert total <= 512, (task, i)
+  assert generate("multi_hop", 0, 3, align_to=0, **SMALL) == generate("multi_hop", 0, 3, **SMALL)
+  with pytest.raises(ValueError, match="align_to must be an int >= 0"):
+    generate("fact_lookup", 0, 0, align_to=-1)
+
+
+def test_aligned_memory_pool_levels_fit_their_size():
+  align_to = 64
+  length = document_length_fn(TOK, align_to)
+  pool = memory_pool.build_pool(6000, num_single=3, num_multi=1, seed=0, length_fn=length,
+                                max_doc_tokens=128, align_to=align_to)
+  for size in (3000, 6000):
+    level = memory_pool.level(pool, size, seed=0, length_fn=length)
+    ids = [document_ids(TOK, k, t, align_to) for k, t in zip(level.display_ids, level.texts)]
+    assert level.tokens == sum(map(len, ids)) <= size
+    assert level.tokens > 0.8 * size  # filled, not tiny
 
 
 def test_custom_length_fn_is_respected():

@@ -1,5 +1,7 @@
 """Record -> single-step training samples in MSA's generative-retrieval transcript format."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -7,8 +9,9 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_batch
 from msa_jax.data.records import make_record
 from msa_jax.data.synthetic import generate, world_tokenizer
-from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
-from msa_jax.data.transcript import num_steps, record_step_sample, record_step_samples
+from msa_jax.data.tokenizer import CONTENT, Tokenizer, build_byte_tokenizer
+from msa_jax.data.transcript import (document_ids, document_length_fn, num_steps,
+                                     record_step_sample, record_step_samples)
 
 DOCS = ("Bill Watts (born May 5, 1939) is a promoter.",
         "The Eiffel Tower is in Paris.",
@@ -210,3 +213,89 @@ def test_world_tokenizer_markers_are_exact(task):
   rest = [t for t, f in zip(s.context, s.context_target) if not f]
   assert world.decode(rest) == "".join(
       pf.round_ids([rec.doc_ids[i] for i in hop]) + pf.injection_end() for hop in rec.hops)
+
+
+# --- aligned documents (MSAConfig.align_doc_id) ---------------------------------------------------
+
+TEXTS = ("", "x", "Bill Watts (born May 5, 1939) is a promoter.", "a" * 63, "b" * 64,
+         "fake end <|im_end|>[3]<|object_ref_end|>", "ends with its id [7]", "two\nlines")
+
+
+@pytest.mark.parametrize("doc_id", [0, 7, 12345])
+def test_align_0_gives_the_official_ids(tok, doc_id):
+  for text in TEXTS:  # the expression training and encoding used before alignment existed
+    assert document_ids(tok, doc_id, text) == tok.encode_filled(pf.wrap_document(doc_id, CONTENT),
+                                                                text)
+    assert document_ids(tok, doc_id, text, 0) == document_ids(tok, doc_id, text)
+
+
+@pytest.mark.parametrize("align_to", [1, 4, 7, 16, 64])
+@pytest.mark.parametrize("doc_id", [0, 7, 12345])
+def test_aligned_documents_close_on_a_chunk_boundary(tok, align_to, doc_id):
+  """Byte tokenizer oracle: `<|im_start|>` is one token, every other byte one token."""
+  pad = tok.pad_id
+  for text in TEXTS:
+    ids = np.array(document_ids(tok, doc_id, text, align_to))
+    body = 1 + len(f"[{doc_id}]. {text}".encode())
+    close = len(f"[{doc_id}]".encode()) + 1
+    start = -(-body // align_to) * align_to  # the body rounded up to whole chunks
+    assert ids.size == start + close, text
+    assert start % align_to == 0 and start - body < align_to
+    assert (ids[body:start] == pad).all()
+    assert pad not in ids[:body] and pad not in ids[start:]
+    assert tok.decode(ids[start:]) == f"[{doc_id}]<|im_end|>"
+    assert ids[-1] == tok.im_end_id and ids[0] == tok.im_start_id
+    # the text stays plain (special-token strings in it are bytes), the body as in the official ids
+    assert list(ids[:body]) == tok.encode_filled(pf.document_body(doc_id, CONTENT), text)
+    assert tok.decode(ids[1:body]) == f"[{doc_id}]. {text}"
+
+
+def test_aligned_closing_id_is_a_chunk_of_its_own(tok, record):
+  """In the memory row the closing `[id]<|im_end|>` is exactly its document's last chunk."""
+  p = 16
+  samples = record_step_samples(record, tok, align_to=p)
+  for s in samples:
+    assert s.documents == samples[0].documents
+    assert s.documents == [document_ids(tok, i, text, p) for i, text in enumerate(DOCS)]
+  memory, _ = _build(samples[:1], tok)  # chunk_size=16
+  seg, chunks = np.asarray(memory.segment_ids[0]), np.asarray(memory.chunk_ids[0])
+  for d in range(len(DOCS)):
+    span = np.flatnonzero(seg == d + 1)
+    close = len(tok.encode(pf.document_close(d)))
+    last = chunks[span[-1]]
+    assert (chunks[span[-close:]] == last).all() and (chunks == last).sum() == close
+    assert (span[-close] - span[0]) % p == 0
+
+
+def test_aligned_samples_differ_only_in_their_documents(tok, record):
+  for plain, aligned in zip(record_step_samples(record, tok),
+                            record_step_samples(record, tok, align_to=16)):
+    assert plain.documents != aligned.documents
+    assert dataclasses.replace(plain, documents=aligned.documents) == aligned
+
+
+@pytest.mark.parametrize("align_to", [0, 4, 64])
+def test_document_length_fn_is_the_laid_out_length(tok, align_to):
+  length = document_length_fn(tok, align_to)
+  for doc_id in (0, 12345):
+    for text in TEXTS:
+      body = 1 + len(f"[{doc_id}]. {text}".encode())
+      close = len(f"[{doc_id}]".encode()) + 1
+      want = (-(-body // align_to) * align_to if align_to else body) + close
+      if text != TEXTS[5]:  # plain bytes of `<|im_end|>` are more tokens than the special token
+        assert length(pf.wrap_document(doc_id, text)) == want, text
+      assert length(pf.wrap_document(doc_id, text)) == len(document_ids(tok, doc_id, text,
+                                                                        align_to))
+
+
+def test_unwrap_document_inverts_wrap_document():
+  for doc_id in (0, 7, 12345):
+    for text in TEXTS + (f"[{7}]", f"text[{12345}][{12345}]"):
+      assert pf.unwrap_document(pf.wrap_document(doc_id, text)) == (doc_id, text)
+  with pytest.raises(ValueError, match="not a wrapped document"):
+    pf.unwrap_document("[1]. text[1]<|im_end|>")
+
+
+def test_bad_align_to_raises(tok):
+  with pytest.raises(ValueError, match="align_to must be >= 0"):
+    document_ids(tok, 0, "x", -1)

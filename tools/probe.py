@@ -19,6 +19,7 @@ from absl import app, flags
 
 import msa_jax
 from msa_jax.cli import quiet_library_logs
+from msa_jax.data.transcript import document_length_fn
 from msa_jax.training.data_setup import SyntheticRecords
 from msa_jax.training.probe import format_table, probe
 from msa_jax.training.train_config import DataConfig, TrainConfigError, load_train_config
@@ -73,9 +74,10 @@ def main(argv):
     data = _data_config(_MODEL.value)
     tokenizer = loaded.tokenizer
     doc_id_max = data.doc_id_max if _DOC_ID_MAX.value is None else _DOC_ID_MAX.value
+    align_to = loaded.msa_config.doc_align_to
     source = SyntheticRecords(((_TASK.value, 1.0),), _SEED.value, _NUM.value, _MEMORY.value,
                               data.min_doc_tokens, data.max_doc_tokens, None,
-                              lambda text: len(tokenizer.encode(text)), doc_id_max)
+                              document_length_fn(tokenizer, align_to), doc_id_max, align_to)
     records = [source[i] for i in range(_NUM.value)]
     start = time.perf_counter()
     result = probe(loaded.model, loaded.params, tokenizer, records, batch_size=_BATCH.value,

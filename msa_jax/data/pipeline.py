@@ -43,7 +43,8 @@ from msa_jax.data.transcript import num_steps, record_step_sample
 class PipelineConfig:
   """batch_size is per process. mem_buckets/prompt_buckets: the allowed memory/prompt row lengths
   (a batch takes the smallest fitting its longest row). max_docs, chunk_size, question_position: as
-  in `build_batch` (the model's D_max, P and question_position). read_threads and
+  in `build_batch` (the model's D_max, P and question_position). doc_align_to: the documents'
+  layout (`MSAConfig.doc_align_to`, see `transcript.document_ids`). read_threads and
   prefetch_buffer_size: grain's in-process prefetch of whole batches (per worker with workers)."""
 
   batch_size: int
@@ -61,6 +62,7 @@ class PipelineConfig:
   read_threads: int = 2
   prefetch_buffer_size: int = 4
   answer_fraction: float | None = None  # see `choose_step`; None: every step equally often
+  doc_align_to: int = 0
 
   def validate(self) -> None:
     if self.answer_fraction is not None and not 0.0 <= self.answer_fraction <= 1.0:
@@ -70,6 +72,8 @@ class PipelineConfig:
                  "prefetch_buffer_size"):
       if getattr(self, name) <= 0:
         raise ValueError(f"PipelineConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.doc_align_to < 0:
+      raise ValueError(f"PipelineConfig.doc_align_to must be >= 0, got {self.doc_align_to}")
     if self.question_position < 0:
       raise ValueError(f"PipelineConfig.question_position must be >= 0, got "
                        f"{self.question_position}")
@@ -118,10 +122,11 @@ class _ToSample:
   so the pipeline pickles cleanly into grain workers."""
 
   def __init__(self, tokenizer, seed: int, source_len: int, shard_len: int,
-               answer_fraction: float | None):
+               answer_fraction: float | None, align_to: int = 0):
     self.tokenizer = tokenizer
     self.seed = seed
     self.answer_fraction = answer_fraction
+    self.align_to = align_to
     self.source_len = source_len
     self.shard_len = shard_len
 
@@ -132,7 +137,8 @@ class _ToSample:
     if not isinstance(record, Record):
       raise TypeError(f"source element {index} is a {type(record).__name__}, not a Record")
     step = choose_step(record, index, epoch, self.seed, self.answer_fraction)
-    return _Item(index, epoch, step, record_step_sample(record, step, self.tokenizer))
+    return _Item(index, epoch, step,
+                 record_step_sample(record, step, self.tokenizer, align_to=self.align_to))
 
 
 class _BuildBatch:
@@ -199,7 +205,8 @@ def make_dataset(source: Sequence[Record], tokenizer, cfg: PipelineConfig) -> gr
   if cfg.shuffle:
     ds = ds.shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs)
-  ds = ds.map_with_index(_ToSample(tokenizer, cfg.seed, n, shard_len, cfg.answer_fraction))
+  ds = ds.map_with_index(_ToSample(tokenizer, cfg.seed, n, shard_len, cfg.answer_fraction,
+                                   cfg.doc_align_to))
   ds = ds.batch(cfg.batch_size, drop_remainder=True,
                 batch_fn=_BuildBatch(cfg, tokenizer.pad_id, tokenizer.vocab_size))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,

@@ -23,12 +23,31 @@ _QUESTION = ("\nPlease answer the question based on the above historical documen
              "{question}\nPlease return all documents related to the question\n")
 _RESTATEMENT = "<|im_start|>The user's question is: {question}\n<|object_ref_end|>"
 _ID = re.compile(r"\[(\d+)\]")
+_WRAPPED = re.compile(r"<\|im_start\|>\[(\d+)\]\. (.*)\[\1\]<\|im_end\|>", re.S)
 _ANSWER_END = ("<|im_end|>", "<|endoftext|>")
+
+
+def document_body(doc_id: int, text: str) -> str:
+  """A wrapped document up to its closing id."""
+  return f"<|im_start|>[{doc_id}]. {text}"
+
+
+def document_close(doc_id: int) -> str:
+  """A wrapped document's closing id (aligned to a chunk of its own in the aligned layout)."""
+  return f"[{doc_id}]<|im_end|>"
 
 
 def wrap_document(doc_id: int, text: str) -> str:
   """A memory document as the model sees it: its id at both ends."""
-  return f"<|im_start|>[{doc_id}]. {text}[{doc_id}]<|im_end|>"
+  return document_body(doc_id, text) + document_close(doc_id)
+
+
+def unwrap_document(wrapped: str) -> tuple[int, str]:
+  """(id, text) of `wrap_document(id, text)`; budgets get wrapped strings and re-lay them out."""
+  m = _WRAPPED.fullmatch(wrapped)
+  if m is None:
+    raise ValueError(f"not a wrapped document: {wrapped[:80]!r}")
+  return int(m.group(1)), m.group(2)
 
 
 def question_text(question: str) -> str:

@@ -29,13 +29,16 @@ Documents and questions are user text: special-token strings in them are tokeniz
 (`Tokenizer.encode_filled`), so they cannot end a round or fake retrieval markers.
 
 Documents are the record's documents wrapped as `<|im_start|>[id]. text[id]<|im_end|>` with their
-display ids (`Record.doc_ids`, by default 0-based indices). Ids are written, and documents
-injected, in the record's hop order.
+display ids (`Record.doc_ids`, by default 0-based indices), tokenized by `document_ids`, which bank
+encoding uses too; with `align_to` = P (`MSAConfig.doc_align_to`) the body is padded to whole
+chunks so the closing id is a chunk of its own. Ids are written, and documents injected, in the
+record's hop order.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import functools
+from typing import Callable, NamedTuple, Sequence
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample
@@ -51,6 +54,31 @@ def num_steps(record: Record) -> int:
 def _encode(tokenizer, text: str, content: str | None = None) -> list[int]:
   """Ids of protocol `text`; `content`, user text at its CONTENT mark, is tokenized as plain text."""
   return list(tokenizer.encode(text) if content is None else tokenizer.encode_filled(text, content))
+
+
+def document_ids(tokenizer, doc_id: int, text: str, align_to: int = 0) -> list[int]:
+  """The token ids of memory document `text` with display id `doc_id`: `wrap_document` tokenized,
+  or, with `align_to` > 0, its body padded with `tokenizer.pad_id` to a multiple of `align_to`
+  before the closing `[id]<|im_end|>` (tokenized apart). Training samples and bank encoding both
+  call this, so they cannot disagree."""
+  if align_to < 0:
+    raise ValueError(f"align_to must be >= 0, got {align_to}")
+  if not align_to:
+    return _encode(tokenizer, pf.wrap_document(doc_id, CONTENT), text)
+  body = _encode(tokenizer, pf.document_body(doc_id, CONTENT), text)
+  return (body + [tokenizer.pad_id] * (-len(body) % align_to)
+          + _encode(tokenizer, pf.document_close(doc_id)))
+
+
+def _document_length(tokenizer, wrapped: str, align_to: int) -> int:
+  return len(document_ids(tokenizer, *pf.unwrap_document(wrapped), align_to))
+
+
+def document_length_fn(tokenizer, align_to: int = 0) -> Callable[[str], int]:
+  """`wrap_document(i, text)` -> its tokens as `document_ids` lays it out: the `length_fn` that
+  memory budgets (synthetic generators, official records, the demo's pool) fill memories by, so a
+  memory of n budgeted tokens is n tokens in its row."""
+  return functools.partial(_document_length, tokenizer, align_to=align_to)
 
 
 def prompt_pieces(question: str, tokenizer) -> tuple[list[int], list[int], list[int]]:
@@ -101,14 +129,15 @@ def _context(record: Record, step: int, tokenizer) -> Context:
   return retrieval_context(rounds, tokenizer)
 
 
-def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
+def record_step_sample(record: Record, step: int, tokenizer, *, align_to: int = 0) -> Sample:
   """The sample of one step: 0 <= step < len(record.hops) is a retrieval step, step ==
-  len(record.hops) the answer step. `tokenizer` is a `Tokenizer`."""
+  len(record.hops) the answer step. `tokenizer` is a `Tokenizer`; `align_to` as in
+  `document_ids`."""
   n_hops = len(record.hops)
   if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= n_hops:
     raise ValueError(f"step {step!r} outside [0, {n_hops}] for a record with {n_hops} retrieval "
                      f"steps")
-  documents = [_encode(tokenizer, pf.wrap_document(i, CONTENT), text)
+  documents = [document_ids(tokenizer, i, text, align_to)
                for i, text in zip(record.doc_ids, record.documents)]
   context = _context(record, step, tokenizer)
   if step < n_hops:
@@ -141,6 +170,7 @@ def record_step_sample(record: Record, step: int, tokenizer) -> Sample:
                 positive_docs=list(positives))
 
 
-def record_step_samples(record: Record, tokenizer) -> list[Sample]:
+def record_step_samples(record: Record, tokenizer, *, align_to: int = 0) -> list[Sample]:
   """Every step's sample, retrieval steps first, the answer step last."""
-  return [record_step_sample(record, step, tokenizer) for step in range(num_steps(record))]
+  return [record_step_sample(record, step, tokenizer, align_to=align_to)
+          for step in range(num_steps(record))]

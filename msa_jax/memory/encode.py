@@ -1,12 +1,13 @@
 """Streaming corpus -> bank encoding (stage 1): pack, encode in fixed-shape batches, commit.
 
-Documents are wrapped as the official code does (`prompt_format.wrap_document`), tokenized, and
-packed whole, in corpus order, into rows of `row_tokens` (at most `max_docs_per_row` per row);
-`batch_rows` rows form a `MemoryBatch` of one static shape, so the jitted
-`entry_points.encode_memory` compiles once. Each row's pooled chunk slots are taken in slot order
-(`chunk_doc` says which document owns each slot), which is bank order, and committed with the
-documents' ids and texts (`BankWriter`). The next batch is dispatched before the previous one is
-pulled to the host and written, so packing and disk writes overlap the device.
+Documents are wrapped and tokenized as training samples are (`transcript.document_ids`, in the
+layout the model's `MSAConfig.align_doc_id` says), and packed whole, in corpus order, into rows of
+`row_tokens` (at most `max_docs_per_row` per row); `batch_rows` rows form a `MemoryBatch` of one
+static shape, so the jitted `entry_points.encode_memory` compiles once. Each row's pooled chunk
+slots are taken in slot order (`chunk_doc` says which document owns each slot), which is bank
+order, and committed with the documents' ids and texts (`BankWriter`). The next batch is
+dispatched before the previous one is pulled to the host and written, so packing and disk writes
+overlap the device.
 
 Resume and append. A fresh encode into a new directory creates the bank at its first commit. If
 it is killed, running the same call again resumes: the bank's session records where the call's
@@ -31,7 +32,7 @@ import numpy as np
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import build_memory_batch
-from msa_jax.data.tokenizer import CONTENT
+from msa_jax.data.transcript import document_ids
 from msa_jax.formatting import format_duration
 from msa_jax.memory import manifest as mf
 from msa_jax.memory import store
@@ -143,6 +144,7 @@ class _Packing:
   max_positions: int
   vocab_size: int
   pad_id: int
+  align_to: int
 
 
 class _Encoder:
@@ -254,8 +256,8 @@ class _Encoder:
         raise BankError(f"{where}: display id {display_id} is already used by another document "
                         f"of the bank; display ids must be unique")
       self.used_ids.add(display_id)
-      tokens = np.asarray(self.tokenizer.encode_filled(pf.wrap_document(display_id, CONTENT),
-                                                       doc.text), np.int32)
+      tokens = np.asarray(document_ids(self.tokenizer, display_id, doc.text, p.align_to),
+                          np.int32)
       limit = min(p.row_tokens, p.max_positions)
       if tokens.size > limit:
         what = (f"a row (row_tokens={p.row_tokens})" if p.row_tokens <= p.max_positions else
@@ -382,7 +384,8 @@ def encode_corpus(model, params, tokenizer, documents: Iterable[Document | str],
   max_docs = max_docs_per_row or max(1, row_tokens // msa.chunk_size)
   packing = _Packing(row_tokens=row_tokens, batch_rows=batch_rows, max_docs_per_row=max_docs,
                      chunk_size=msa.chunk_size, max_positions=model.config.max_position_embeddings,
-                     vocab_size=model.config.vocab_size, pad_id=tokenizer.pad_id)
+                     vocab_size=model.config.vocab_size, pad_id=tokenizer.pad_id,
+                     align_to=msa.doc_align_to)
   with BankLock(out_dir, log) as lock:
     enc = _Encoder(model, params, tokenizer, out_dir, packing, append, rows_per_chunk,
                    router_key_dtype, lock)

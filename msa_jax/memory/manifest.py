@@ -6,8 +6,9 @@ manifest counts; rows past those counts are leftovers that a resumed encode over
 
 Fingerprints say which model built the bank:
 - `config_fingerprint`: sha256 of the configuration fields that change what encoding computes
-  (`ENCODING_MODEL_FIELDS`, `ENCODING_MSA_FIELDS`); execution knobs (scan, remat, attention tile)
-  and serving knobs (top-k, reductions, score mode, losses) are left out, so they may differ.
+  (`ENCODING_MODEL_FIELDS`, `ENCODING_MSA_FIELDS`, `ENCODING_MSA_FLAGS`); execution knobs (scan,
+  remat, attention tile) and serving knobs (top-k, reductions, score mode, losses) are left out,
+  so they may differ.
 - `params_fingerprint`: sha256 over every parameter (name, dtype, shape, bytes, per-layer layout)
   except the LM head, the final norm and the BCE bias, which no bank array depends on.
 
@@ -42,6 +43,8 @@ ENCODING_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_
                          "num_heads", "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps",
                          "tie_word_embeddings", "compute_dtype")
 ENCODING_MSA_FIELDS = ("router_layers", "chunk_size", "decouple_router", "template_len")
+# Encoding fields counted only when true, so banks from before the field keep their fingerprint.
+ENCODING_MSA_FLAGS = ("align_doc_id",)
 _UNUSED_PARAMS = ("lm_head", "final_norm", "bce_bias")
 
 
@@ -52,6 +55,7 @@ def encoding_config(model_config: cfglib.ModelConfig, msa_config: cfglib.MSAConf
   out = {f"model.{k}": model[k] for k in ENCODING_MODEL_FIELDS}
   out.update({f"msa.{k}": list(msa[k]) if k == "router_layers" else msa[k]
               for k in ENCODING_MSA_FIELDS})
+  out.update({f"msa.{k}": True for k in ENCODING_MSA_FLAGS if msa[k]})
   return out
 
 
@@ -231,4 +235,5 @@ def config_mismatch(manifest: BankManifest, model_config: cfglib.ModelConfig,
   stored_model, stored_msa = manifest.configs()
   ours = encoding_config(stored_model, stored_msa)
   theirs = encoding_config(model_config, msa_config)
-  return [f"{k}: bank {ours[k]!r}, given {theirs[k]!r}" for k in ours if ours[k] != theirs[k]]
+  return [f"{k}: bank {ours.get(k, False)!r}, given {theirs.get(k, False)!r}"
+          for k in {**ours, **theirs} if ours.get(k) != theirs.get(k)]

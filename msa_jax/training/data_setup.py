@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Callable
 
 import jax
@@ -22,6 +21,7 @@ from msa_jax.data.pipeline import PipelineConfig, make_iterator
 from msa_jax.data.records import Record
 from msa_jax.data.synthetic import generate_mix, world_tokenizer
 from msa_jax.data.tokenizer import Tokenizer
+from msa_jax.data.transcript import document_length_fn
 from msa_jax.training.train_config import DataConfig, PhaseConfig
 
 
@@ -31,20 +31,15 @@ def load_tokenizer(data: DataConfig) -> Tokenizer:
   return world_tokenizer() if data.tokenizer == "world" else Tokenizer.from_file(data.tokenizer)
 
 
-def _length_fn(tokenizer: Tokenizer) -> Callable[[str], int]:
-  return lambda text: len(tokenizer.encode(text))
-
-
-_WRAPPED_ID = re.compile(r"<\|im_start\|>\[(\d+)\]")
-
-
 def _widest_id_length(length_fn: Callable[[str], int], width: int) -> Callable[[str], int]:
-  """The length a wrapped document would have with a `width`-digit id at both ends (digits are one
-  token each in the tokenizers we train with)."""
+  """The length a wrapped document would have with a `width`-digit id (digits are one token each
+  in the tokenizers we train with, so any such id costs the same)."""
 
   def widest(wrapped: str) -> int:
-    m = _WRAPPED_ID.match(wrapped)
-    return length_fn(wrapped) + (2 * max(width - len(m.group(1)), 0) if m else 0)
+    doc_id, text = pf.unwrap_document(wrapped)
+    if len(str(doc_id)) < width:
+      wrapped = pf.wrap_document(10 ** width - 1, text)
+    return length_fn(wrapped)
 
   return widest
 
@@ -66,7 +61,8 @@ class SyntheticRecords:
   memory. With `doc_id_max` > 0 a record's memory stands for a random subset of a bank of N
   documents, N drawn log-uniformly between the record's document count and `doc_id_max`, so the
   ids are distinct draws from 0..N-1 (drawn from (seed, i)): the model sees ids of every width a
-  bank of up to `doc_id_max` documents has, in the proportions such banks have them."""
+  bank of up to `doc_id_max` documents has, in the proportions such banks have them. `align_to`
+  is the documents' layout (`MSAConfig.doc_align_to`), the one `length_fn` counts."""
 
   tasks: tuple[tuple[str, float], ...]
   seed: int
@@ -77,6 +73,7 @@ class SyntheticRecords:
   max_docs: int
   length_fn: Callable[[str], int]
   doc_id_max: int = 0
+  align_to: int = 0
 
   def __len__(self) -> int:
     return self.num_records
@@ -90,7 +87,7 @@ class SyntheticRecords:
     record = generate_mix(dict(self.tasks), self.seed, index,
                           memory_tokens=self.memory_tokens, length_fn=length_fn,
                           min_doc_tokens=self.min_doc_tokens, max_doc_tokens=self.max_doc_tokens,
-                          max_docs=self.max_docs)
+                          max_docs=self.max_docs, align_to=self.align_to)
     if not self.doc_id_max:
       return record
     rng = np.random.default_rng([self.seed, index, 1])
@@ -98,18 +95,21 @@ class SyntheticRecords:
     return record.with_ids(int(i) for i in ids)
 
 
-def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *, seed: int):
-  """The random-access records of `phase`, sized to its memory."""
+def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *, seed: int,
+                  align_to: int = 0):
+  """The random-access records of `phase`, sized to its memory in the documents' layout
+  (`align_to`: `MSAConfig.doc_align_to`)."""
   memory_tokens = phase.memory_tokens
+  length_fn = document_length_fn(tokenizer, align_to)
   if data.source == "synthetic":
     return SyntheticRecords(tuple(sorted(data.tasks.items())), seed, data.num_records,
                             memory_tokens, data.min_doc_tokens, data.max_doc_tokens,
-                            data.max_docs, _length_fn(tokenizer), data.doc_id_max)
+                            data.max_docs, length_fn, data.doc_id_max, align_to)
   if data.source == "jsonl":
     return JsonlRecords(data.path)
   bench = read_official(data.memory_path, data.queries_path, allow_pickle=data.allow_pickle)
-  return OfficialRecords(bench, memory_tokens=memory_tokens, length_fn=_length_fn(tokenizer),
-                         seed=seed, max_docs=data.max_docs)
+  return OfficialRecords(bench, memory_tokens=memory_tokens, length_fn=length_fn, seed=seed,
+                         max_docs=data.max_docs)
 
 
 def pipeline_config(data: DataConfig, phase: PhaseConfig, msa: MSAConfig, *, seed: int
@@ -122,7 +122,7 @@ def pipeline_config(data: DataConfig, phase: PhaseConfig, msa: MSAConfig, *, see
                         prompt_buckets=tuple(data.prompt_buckets), max_docs=data.max_docs,
                         chunk_size=msa.chunk_size, question_position=msa.question_position,
                         seed=seed, worker_count=data.worker_count,
-                        answer_fraction=data.answer_fraction,
+                        answer_fraction=data.answer_fraction, doc_align_to=msa.doc_align_to,
                         shard_index=jax.process_index(), shard_count=processes)
 
 
@@ -132,7 +132,7 @@ def data_for_phase(data: DataConfig, phases, msa: MSAConfig, tokenizer: Tokenize
   def make(index: int):
     phase = phases[index]
     seed = data.seed + index
-    source = record_source(data, phase, tokenizer, seed=seed)
+    source = record_source(data, phase, tokenizer, seed=seed, align_to=msa.doc_align_to)
     return make_iterator(source, tokenizer, pipeline_config(data, phase, msa, seed=seed))
 
   return make

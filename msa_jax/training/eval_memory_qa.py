@@ -96,9 +96,9 @@ class _Decoder:
     return [p[len(s.answer):] for s, p in zip(samples, prefixes)], first
 
 
-def _answer_prefix_sample(record: Record, tokenizer: Tokenizer) -> Sample:
+def _answer_prefix_sample(record: Record, tokenizer: Tokenizer, align_to: int) -> Sample:
   """The answer step with the gold transcript, cut where the model must write the answer."""
-  sample = record_step_sample(record, num_steps(record) - 1, tokenizer)
+  sample = record_step_sample(record, num_steps(record) - 1, tokenizer, align_to=align_to)
   given = len(tokenizer.encode(pf.END_OF_RETRIEVE)) + len(
       restatement(record.question, tokenizer))
   return dataclasses.replace(sample, answer=list(sample.answer)[:given], answer_target=(),
@@ -112,14 +112,14 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
   """Metrics over `records` (summary and per record), as described in the module docstring."""
   decoder = _Decoder(model, params, shapes, tokenizer)
   ref_end, im_end = tokenizer.object_ref_end_id, tokenizer.im_end_id
-  layers = model.msa.router_layers
+  layers, align_to = model.msa.router_layers, model.msa.doc_align_to
   done = {d["index"]: d for d in record_log.read()} if record_log else {}
   todo = [i for i in range(len(records)) if i not in done]
   for start in range(0, len(todo), batch_size):
     indices = todo[start:start + batch_size]
     chunk = [records[i] for i in indices]
-    retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer), answer=[],
-                                    answer_target=[]) for r in chunk]
+    retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer, align_to=align_to),
+                                    answer=[], answer_target=[]) for r in chunk]
     view = decoder.encode(retrieve)
     written, out = decoder.generate(view, retrieve, ref_end)
     d = out.doc_scores.shape[-1]
@@ -131,8 +131,8 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
       per = router_recall(out.doc_scores, out.doc_present, jnp.asarray(labels), ns=(n,),
                           per_sample=True)[f"recall@{n}"]
       recalls[n] = np.asarray(per)  # [L, B]
-    answers, _ = decoder.generate(view, [_answer_prefix_sample(r, tokenizer) for r in chunk],
-                                  im_end)
+    answers, _ = decoder.generate(
+        view, [_answer_prefix_sample(r, tokenizer, align_to) for r in chunk], im_end)
     for b, (index, record) in enumerate(zip(indices, chunk)):
       gold_ids = {record.doc_ids[i] for i in record.hops[0]}
       text = tokenizer.decode(written[b])

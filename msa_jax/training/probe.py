@@ -129,11 +129,11 @@ class _Item:
   classes: np.ndarray
 
 
-def _items(record: Record, row: int, tokenizer: Tokenizer) -> list[_Item]:
+def _items(record: Record, row: int, tokenizer: Tokenizer, align_to: int) -> list[_Item]:
   out = []
   for step in range(num_steps(record)):
     kind = STEP_KINDS.index("retrieval" if step < len(record.hops) else "answer")
-    sample = record_step_sample(record, step, tokenizer)
+    sample = record_step_sample(record, step, tokenizer, align_to=align_to)
     classes = target_classes(record, step, sample, tokenizer)
     appended = append_gold_text(record, step, sample, tokenizer)
     if appended is sample:
@@ -224,7 +224,8 @@ def probe(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Sequence
     raise ValueError("the probe needs at least one record")
   msa, vocab = model.msa, model.config.vocab_size
   groups = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-  items = [[it for row, r in enumerate(g) for it in _items(r, row, tokenizer)] for g in groups]
+  items = [[it for row, r in enumerate(g) for it in _items(r, row, tokenizer, msa.doc_align_to)]
+           for g in groups]
   samples = [it.sample for g in items for it in g]
   seq_len_mem = _round_up(max(s.memory_len for s in samples), 256)
   max_docs = max(len(s.documents) for s in samples)

@@ -67,9 +67,10 @@ def _subject(card: str) -> str:
 
 def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int,
                length_fn: Callable[[str], int], min_doc_tokens: int = 16,
-               max_doc_tokens: int = 512) -> SyntheticPool:
+               max_doc_tokens: int = 512, align_to: int = 0) -> SyntheticPool:
   """Questions (`num_single` fact lookups, `num_multi` multi-hop chains) and enough distractors to
-  fill `memory_tokens` wrapped tokens."""
+  fill `memory_tokens` wrapped tokens, in the documents' layout `align_to` (the one `length_fn`
+  counts, `transcript.document_length_fn`)."""
   if num_single < 0 or num_multi < 0 or num_single + num_multi == 0:
     raise ValueError(f"need at least one question, got {num_single} single-hop and {num_multi} "
                      f"multi-hop")
@@ -78,7 +79,7 @@ def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int
   documents: list[str] = []
   questions: list[Question] = []
   doc_params = dict(min_doc_tokens=min_doc_tokens, max_doc_tokens=max_doc_tokens,
-                    length_fn=length_fn)
+                    length_fn=length_fn, align_to=align_to)
   for task, count in (("fact_lookup", num_single), ("multi_hop", num_multi)):
     for index in itertools.count():
       if sum(q.task == task for q in questions) == count:
@@ -87,7 +88,7 @@ def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int
         raise RuntimeError(f"could not draw {count} {task} questions with distinct subjects")
       # a record of only its gold documents: room for each at its longest, no distractors
       n_gold = 1 if task == "fact_lookup" else 4
-      record = generate(task, seed, index, memory_tokens=n_gold * (max_doc_tokens + 64),
+      record = generate(task, seed, index, memory_tokens=n_gold * (max_doc_tokens + 64 + align_to),
                         max_docs=n_gold if task == "fact_lookup" else None, **doc_params)
       gold = [i for hop in record.hops for i in hop]
       subjects = [_subject(record.documents[i]) for i in gold]

@@ -7,7 +7,8 @@ without generating the ones before it.
 Memory size: documents are added (gold and required ones first, then distractors) while the sum of
 `length_fn(wrap_document(i, text))` stays within `memory_tokens`; the first distractor that would
 not fit ends the memory (so does `max_docs`, or running out of distinct entities). `length_fn`
-defaults to the world tokenizer's token count. Gold documents then take random positions among the
+defaults to the world tokenizer's token count; training passes `transcript.document_length_fn`,
+exact for the model's document layout. Gold documents then take random positions among the
 distractors, and the total is checked again with the final ids.
 
 Document lengths (`min_doc_tokens`..`max_doc_tokens`) count world-tokenizer tokens of the unwrapped
@@ -144,11 +145,12 @@ def _doc_target(rng, essential: int, min_tokens: int, max_tokens: int, what: str
   return int(rng.integers(lo, hi + 1))
 
 
-def _gold_cap(memory_tokens: int, n_fixed: int) -> int:
+def _gold_cap(memory_tokens: int, n_fixed: int, align_to: int) -> int:
   """Upper length of gold/required documents: their even share of the memory less an allowance for
-  the wrapper (`<|im_start|>[i]. ...[i]<|im_end|>` is 7 + 2 * digits(i) world tokens), so that with
-  the world tokenizer they always fit when their essential facts do."""
-  return memory_tokens // n_fixed - 16
+  the wrapper (`<|im_start|>[i]. ...[i]<|im_end|>` is 7 + 2 * digits(i) world tokens) and for the
+  padding of the aligned layout (`align_to`, see `transcript.document_ids`), so that with the world
+  tokenizer they always fit when their essential facts do."""
+  return memory_tokens // n_fixed - 16 - align_to
 
 
 def _fill_to(rng, used: int, target: int, min_tokens: int, max_tokens: int) -> list[str]:
@@ -221,7 +223,8 @@ def _essential_tokens(kind: str) -> int:
           "needle": count_tokens(_needle(world.entity_name(0), "1234567"))}[kind]
 
 
-def _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, kind):
+def _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, kind,
+                  align_to=0):
   """Parameter checks; `max_doc_tokens` must hold the longest essential facts of `kind` (checked
   here, so that a too-small value fails for every record rather than for unlucky ones)."""
   need = _essential_tokens(kind)
@@ -235,6 +238,8 @@ def _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs,
                      f"{min_doc_tokens}, {max_doc_tokens}")
   if max_docs is not None and max_docs < 1:
     raise ValueError(f"{task}: max_docs must be positive or None, got {max_docs}")
+  if not isinstance(align_to, (int, np.integer)) or align_to < 0:
+    raise ValueError(f"{task}: align_to must be an int >= 0, got {align_to!r}")
 
 
 def _assemble(rng, task: str, fixed: Sequence[str], n_gold: int,
@@ -302,10 +307,11 @@ def _where(task, seed, index):
 def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                 length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                 max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                min_attributes: int = 3, max_attributes: int = 5) -> Record:
-  """Fact cards `First Last. attr: value. ...` + filler; asks one attribute of one entity."""
+                min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0) -> Record:
+  """Fact cards `First Last. attr: value. ...` + filler; asks one attribute of one entity.
+  `align_to` (every task takes it): the documents' layout, which gold documents leave room for."""
   task = "fact_lookup"
-  _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "fact")
+  _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "fact", align_to)
   _check_attributes(task, min_attributes, max_attributes)
   rng = _rng(task, seed, index)
   ents = _entities(rng)
@@ -317,7 +323,7 @@ def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TO
     return _card(rng, world.entity_name(entity), required,
                  [_attribute_clause(a, v) for a, v in attrs], n_opt, min_doc_tokens,
                  max_doc_tokens, "a fact card's name and asked attribute",
-                 _gold_cap(memory_tokens, 1) if asked else None)
+                 _gold_cap(memory_tokens, 1, align_to) if asked else None)
 
   attr = _question_attr(rng)
   values = world.ATTRIBUTES[attr]
@@ -350,13 +356,13 @@ def multi_hop(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKE
               length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
               max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
               num_hops: int | None = None, min_hops: int = 2, max_hops: int = 4,
-              min_attributes: int = 3, max_attributes: int = 5) -> Record:
+              min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0) -> Record:
   """A chain E0 -r0-> E1 -r1-> ... -> E_{h-1}: asks an attribute of E_{h-1} through the relations.
 
   Document j (of E_j) states `r_j: E_{j+1}.`; the last one holds the asked attribute. hops are the
   chain's documents in order. `num_hops` fixes h, else it is drawn in [min_hops, max_hops]."""
   task = "multi_hop"
-  _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "chain")
+  _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "chain", align_to)
   _check_attributes(task, min_attributes, max_attributes)
   if not 2 <= min_hops <= max_hops:
     raise ValueError(f"{task}: need 2 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
@@ -388,10 +394,10 @@ def multi_hop(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKE
   for j, e in enumerate(chain):
     if j < h - 1:
       gold.append(card(e, [f"{relations[j]}: {world.entity_name(chain[j + 1])}."],
-                       exclude_rel=(relations[j],), cap=_gold_cap(memory_tokens, h)))
+                       exclude_rel=(relations[j],), cap=_gold_cap(memory_tokens, h, align_to)))
     else:
       gold.append(card(e, [_attribute_clause(attr, value)], exclude_attr=(attr,),
-                       cap=_gold_cap(memory_tokens, h)))
+                       cap=_gold_cap(memory_tokens, h, align_to)))
   pool = _Peekable(others.tolist())
   docs, gids = _assemble(rng, task, gold, h, lambda: card(next(pool), []) if pool.has() else None,
                          memory_tokens, length_fn, max_docs)
@@ -411,10 +417,10 @@ def _magic_values(rng, n: int) -> list[str]:
 
 
 def _niah(task: str, seed: int, index: int, n_needles: int, n_gold_keys: int, same_key: bool,
-          memory_tokens, length_fn, min_doc_tokens, max_doc_tokens, max_docs) -> Record:
+          memory_tokens, length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to) -> Record:
   """Shared NIAH builder: `n_needles` needle documents; the first `n_gold_keys` keys are asked
   (all needles share one key when `same_key`); the rest are distractor needles."""
-  _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "needle")
+  _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "needle", align_to)
   if n_needles < 1:
     raise ValueError(f"{task}: needs at least one needle, got {n_needles}")
   rng = _rng(task, seed, index)
@@ -423,7 +429,7 @@ def _niah(task: str, seed: int, index: int, n_needles: int, n_gold_keys: int, sa
   if same_key:
     keys = keys * n_needles
   values = _magic_values(rng, n_needles)
-  cap = _gold_cap(memory_tokens, n_needles)
+  cap = _gold_cap(memory_tokens, n_needles, align_to)
   needles = [_haystack(rng, min_doc_tokens, max_doc_tokens, _needle(k, v), cap)
              for k, v in zip(keys, values)]
   n_gold = n_needles if same_key else n_gold_keys
@@ -448,43 +454,43 @@ def _niah(task: str, seed: int, index: int, n_needles: int, n_gold_keys: int, sa
 def niah_single(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                 length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                 max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS,
-                max_docs: int | None = None) -> Record:
+                max_docs: int | None = None, align_to: int = 0) -> Record:
   """One needle `The special magic number for {key} is: {value}.` in a haystack; asks its value."""
   return _niah("niah_single", seed, index, 1, 1, False, memory_tokens, length_fn, min_doc_tokens,
-               max_doc_tokens, max_docs)
+               max_doc_tokens, max_docs, align_to)
 
 
 def niah_multi_key(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                    length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                    max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                   num_keys: int = 4) -> Record:
+                   num_keys: int = 4, align_to: int = 0) -> Record:
   """`num_keys` needles with different keys in different documents; asks one key's value."""
   return _niah("niah_multi_key", seed, index, num_keys, 1, False, memory_tokens, length_fn,
-               min_doc_tokens, max_doc_tokens, max_docs)
+               min_doc_tokens, max_doc_tokens, max_docs, align_to)
 
 
 def niah_multi_value(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                      length_fn: LengthFn | None = None,
                      min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                      max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                     num_values: int = 4) -> Record:
+                     num_values: int = 4, align_to: int = 0) -> Record:
   """One key with `num_values` values in different documents; the answer is every value, in
   document order, joined by ", "; one retrieval step with every needle document."""
   return _niah("niah_multi_value", seed, index, num_values, num_values, True, memory_tokens,
-               length_fn, min_doc_tokens, max_doc_tokens, max_docs)
+               length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to)
 
 
 def niah_multi_query(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                      length_fn: LengthFn | None = None,
                      min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                      max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                     num_queries: int = 4) -> Record:
+                     num_queries: int = 4, align_to: int = 0) -> Record:
   """`num_queries` keys (each in its own document) asked in one question; the answer lists their
   values in the question's order, joined by ", "; one retrieval step with every needle document."""
   if num_queries < 2:
     raise ValueError(f"niah_multi_query: num_queries must be at least 2, got {num_queries}")
   return _niah("niah_multi_query", seed, index, num_queries, num_queries, False, memory_tokens,
-               length_fn, min_doc_tokens, max_doc_tokens, max_docs)
+               length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to)
 
 
 TASKS: dict[str, Callable[..., Record]] = {
