@@ -113,3 +113,18 @@ def test_load_places_each_parameter_on_its_sharding(tmp_path, source, scan_layer
   leaves = jax.tree.leaves(sharded.params)
   on_first_device = sum(x.addressable_shards[0].data.size for x in leaves)
   assert on_first_device * 2 < sum(x.size for x in leaves)  # no device holds the whole model
+
+
+def test_training_init_from_loads_onto_the_train_shardings():
+  import os
+  import msa_jax
+  from msa_jax.training.model_setup import build_model
+  from msa_jax.training.train_config import ModelSpec
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                      "tiny_msa")
+  built = build_model(ModelSpec(init_from=path), make_mesh((2, 2, 2)), seed=0, vocab_size=None)
+  plain = msa_jax.load(path)
+  for got, want, s in zip(jax.tree.leaves(built.params), jax.tree.leaves(plain.params),
+                          jax.tree.leaves(built.shardings)):
+    assert got.sharding.is_equivalent_to(s, got.ndim)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
