@@ -101,11 +101,11 @@ def test_prompt_is_invariant_to_document_order_and_padding():
 
 
 def test_empty_memory_equals_backbone_and_transformers(tmp_path):
-  from tests.hf_fixtures import make_qwen3
-  from tests.test_hf_parity import _padded_batch, _torch_logits
+  pytest.importorskip("torch")
+  from tests.hf_fixtures import make_qwen3, padded_batch, torch_logits
   hf_model = make_qwen3(str(tmp_path), seed=4)
   loaded = msa_jax.load(str(tmp_path), compute_dtype="float32")
-  tokens, mask = _padded_batch(loaded.model_config.vocab_size, seed=3)
+  tokens, mask = padded_batch(loaded.model_config.vocab_size, seed=3)
   prompt = plain_prompt(tokens, segment_ids=mask)
   everywhere = jnp.asarray(mask, bool)  # every token routes and sees memory: there is none
   prompt = prompt.replace(route_mask=everywhere, sees_memory=everywhere)
@@ -120,7 +120,7 @@ def test_empty_memory_equals_backbone_and_transformers(tmp_path):
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[valid],
                              np.asarray(loaded.logits(tokens, segment_ids=mask))[valid], atol=1e-6)
-  err = float(np.abs(np.asarray(logits) - _torch_logits(hf_model, tokens, mask))[valid].max())
+  err = float(np.abs(np.asarray(logits) - torch_logits(hf_model, tokens, mask))[valid].max())
   print(f"empty memory vs transformers Qwen3: max |Δlogits| = {err:.2e}")
   assert err < 1e-4
 
