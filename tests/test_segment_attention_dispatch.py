@@ -182,3 +182,8 @@ def test_forced_kernel_falls_back_warning_once_per_reason(monkeypatch):
   assert called == ["blockwise"] * 4
   np.testing.assert_allclose(got, reference.segment_attention(q, k, v, seg, idx, seg, idx),
                              atol=2e-6)
+
+
+def test_model_default_is_auto():
+  from msa_jax.model.model import MSAForCausalLM
+  assert MSAForCausalLM.__dataclass_fields__["attention_impl"].default == "auto"
