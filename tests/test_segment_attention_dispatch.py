@@ -187,3 +187,15 @@ def test_forced_kernel_falls_back_warning_once_per_reason(monkeypatch):
 def test_model_default_is_auto():
   from msa_jax.model.model import MSAForCausalLM
   assert MSAForCausalLM.__dataclass_fields__["attention_impl"].default == "auto"
+
+
+def test_splash_lowers_for_a_tpu():
+  """msa-4b head shapes over a 1K-token memory row: the splash branch lowers to Mosaic TPU here
+  (compiling it needs the device)."""
+  b, s, h, hkv, d = 1, 1024, 32, 8, 128
+  shapes = (jax.ShapeDtypeStruct((b, s, h, d), jnp.bfloat16),
+            *(jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16),) * 2,
+            *(jax.ShapeDtypeStruct((b, s), jnp.int32),) * 4)
+  fn = jax.jit(lambda *x: splash.segment_attention(*x, 512, 512))
+  text = fn.trace(*shapes).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in text
