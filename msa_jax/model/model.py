@@ -62,7 +62,7 @@ class MSAOutput:
 class MSAForCausalLM(nn.Module):
   config: ModelConfig
   msa: MSAConfig
-  attention_impl: str = "blockwise"
+  attention_impl: str = "auto"  # segment_attention.api: by backend, blockwise on CPU
   collect: tuple[str, ...] = ()
 
   def setup(self):
