@@ -34,10 +34,11 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data import transcript
 from msa_jax.data.tokenizer import ENDOFTEXT, IM_END, OBJECT_REF_END
 from msa_jax.inference.requests import Generation, Request
+from msa_jax.inference.routed_ids import AllowedFn
 
 GenerateFn = Callable[[list[Request]], list[Generation]]
 # (requests, per request the allowed token sequences for its routing) -> generations
-RetrieveFn = Callable[[list[Request], list[Callable[[list], list[list[int]]]]], list[Generation]]
+RetrieveFn = Callable[[list[Request], list[AllowedFn]], list[Generation]]
 
 
 class DocumentStore(Protocol):
@@ -210,9 +211,10 @@ class InterleaveDriver:
 
   # -- one round -----------------------------------------------------------------------------------
 
-  def _routing(self, generation: Generation) -> list[LayerTrace]:
+  def _routing(self, routing) -> list[LayerTrace]:
+    """A prefill's per-layer routing (`LayerRouting`s) in display ids."""
     out = []
-    for lr in generation.routing:
+    for lr in routing:
       rows = np.asarray(lr.doc_index).reshape(-1)
       scores = np.asarray(lr.scores, np.float64).reshape(-1)
       keep = rows >= 0
@@ -250,7 +252,7 @@ class InterleaveDriver:
   def _advance(self, q: _Question, g: Generation) -> None:
     tokens = [int(t) for t in g.tokens]
     text = self.tokenizer.decode(tokens)
-    routing = self._routing(g)
+    routing = self._routing(g.routing)
     number = len(q.trace)
     if q.answer_prefix is not None:
       q.trace.append(RoundTrace(number, "answer", tokens, text, [], [], [], routing))
@@ -285,7 +287,7 @@ class InterleaveDriver:
     injected = {i for _, entries in q.rounds for i, _ in entries}
 
     def allowed(routing) -> list[list[int]]:
-      ids = {d for layer in self._routing(Generation([], False, routing)) for d in layer.doc_ids}
+      ids = {d for layer in self._routing(routing) for d in layer.doc_ids}
       return [list(self.end_of_retrieve)] + [list(self.tokenizer.encode(pf.round_ids([d])))
                                              for d in sorted(ids - injected)]
     return allowed
@@ -297,11 +299,13 @@ class InterleaveDriver:
     rounds = [j for j, q in enumerate(active) if q.answer_prefix is None]
     answers = [j for j, q in enumerate(active) if q.answer_prefix is not None]
     out: list[Generation | None] = [None] * len(requests)
-    for js, gens in ((rounds, self.retrieve_fn([requests[j] for j in rounds],
-                                               [self._allowed(active[j]) for j in rounds])
-                      if rounds else []),
-                     (answers, self.generate_fn([requests[j] for j in answers]) if answers else [])):
-      for j, g in zip(js, gens):
+    if rounds:
+      gens = self.retrieve_fn([requests[j] for j in rounds],
+                              [self._allowed(active[j]) for j in rounds])
+      for j, g in zip(rounds, gens):
+        out[j] = g
+    if answers:
+      for j, g in zip(answers, self.generate_fn([requests[j] for j in answers])):
         out[j] = g
     return out
 

@@ -1,4 +1,4 @@
-"""Retrieval rounds constrained to the documents the router selected (an option of Memory Interleave).
+"""Retrieval rounds constrained to the documents the router selected (a Memory Interleave option).
 
 In a free round the model writes any id (`[i]<|object_ref_end|>`) or `<End-of-Retrieve>`. A small
 model reads the leading digits of an id out of the pooled chunks before the last ones, so it often
@@ -55,9 +55,9 @@ AllowedFn = Callable[[list[LayerRouting]], list[list[int]]]
 def generate_routed(engine, requests: Sequence[Request],
                     allowed: Sequence[AllowedFn]) -> list[Generation]:
   """One `Generation` per request: greedy decoding restricted to the token sequences
-  `allowed[i](routing)` gives for request i's prefill routing. Batches of up to the engine's `max_batch`;
-  each generation is one whole allowed sequence (`stopped` True). The engine's append refuses a
-  sequence longer than the cache room the requests' `max_new_tokens` reserved."""
+  `allowed[i](routing)` gives for request i's prefill routing. Batches of up to the engine's
+  `max_batch`; each generation is one whole allowed sequence (`stopped` True). The engine's append
+  refuses a sequence longer than the cache room the requests' `max_new_tokens` reserved."""
   results: list[Generation] = []
   for start in range(0, len(requests), engine.max_batch):
     batch = list(requests[start:start + engine.max_batch])
@@ -80,4 +80,3 @@ def generate_routed(engine, requests: Sequence[Request],
       state = engine.append(state, step)
     results.extend(Generation(tokens=w, stopped=True, routing=r) for w, r in zip(written, routing))
   return results
-
