@@ -3,10 +3,10 @@
 Opening checks the manifest, that every array exists with the committed sizes and dtypes, the
 index arrays (offsets, display ids, text offsets) against their checksums and invariants, and,
 when configs (and params) are given, that this model built the bank. The chunk arrays and the text
-are verified against their checksums when `verify="full"`, or with the default
-`verify="auto"` when the bank is at most `AUTO_VERIFY_BYTES`; a larger bank is not read in full at
-open, but each storage chunk carries a crc32c that every read checks, so corruption still surfaces
-as a `BankError` rather than as garbage.
+are verified against their checksums when `verify="full"`, or with the default `verify="auto"` when
+the bank is at most `AUTO_VERIFY_BYTES`; a larger bank is not read in full at open, but each
+storage chunk carries a crc32c that every read checks, so corruption still surfaces as a
+`BankError` rather than as garbage.
 """
 
 from __future__ import annotations

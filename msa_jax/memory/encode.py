@@ -46,7 +46,7 @@ from msa_jax.model import entry_points, router_keys
 
 _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 # Only the view: a bank does not keep the template head's K/V (serving prefills the template head),
-# so the program does not compute it.
+# so the compiled program leaves it out.
 _encode_view = jax.jit(lambda model, params, memory, template: entry_points.encode_memory(
     model, params, memory, template).view, static_argnums=0)
 _quantize = jax.jit(router_keys.quantize, static_argnums=1)
@@ -345,8 +345,8 @@ class _Encoder:
         msa_config={**dataclasses.asdict(msa_cfg), "router_layers": list(msa_cfg.router_layers)},
         chunk_size=msa_cfg.chunk_size, router_layers=msa_cfg.router_layers, num_docs=0,
         num_chunks=0, text_bytes=0, dtypes={k: np.dtype(v).name for k, v in dtypes.items()},
-        score_mode=msa_cfg.score_mode, rows_per_chunk=self.rows_per_chunk, checksums={}, encoding=self.session, created=stamp,
-        updated=stamp)
+        score_mode=msa_cfg.score_mode, rows_per_chunk=self.rows_per_chunk, checksums={},
+        encoding=self.session, created=stamp, updated=stamp)
 
 
 def _is_empty_dir(path: str) -> bool:
