@@ -1,6 +1,7 @@
 """Bank encode/store: encode -> reopen equals encoding each document alone; kill + resume is
 byte-identical to one run; append equals encoding everything at once; int8 router keys carry their
-scales; a format-2 bank is refused and converts; foreign, corrupt, truncated and missing banks and
+scales; format-2 and format-3 banks are refused and convert (a converted format-3 bank is the one
+a current encode writes); foreign, corrupt, truncated and missing banks and
 bad corpora fail with clear errors and lose nothing."""
 
 import json
@@ -23,6 +24,7 @@ from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.data.transcript import record_step_sample
 from msa_jax.memory import BankError, open_bank
 from msa_jax.memory import manifest as mf
+from msa_jax.memory import store
 from msa_jax.memory.convert import convert_bank
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.encode import encode_corpus
@@ -37,6 +39,10 @@ TOKENIZER = os.path.join(ROOT, "models", "tiny_msa", "tokenizer.json")
 WORDS = "alpha beta gamma delta river stone cloud fire water moon".split()
 # very different lengths: from an empty text to one that nearly fills a row
 WORD_COUNTS = [0, 60, 3, 110, 1, 25, 40, 7, 90, 14, 2, 33]
+
+
+FORMAT_4_ARRAYS = ("router_keys", "content_k", "content_v", "doc_chunk_offsets", "display_ids",
+                   "text_offsets", "text")
 
 
 def _texts(counts, seed=0):
@@ -125,9 +131,9 @@ def test_encode_equals_each_document_encoded_alone(setup, reference_bank):
   assert bank.index_of(10**6) is None
   assert bank.router_key_dtype == "bfloat16"
   assert bank.read("router_keys", 0, 0, 1).dtype == jnp.bfloat16
-  for (k, v), (k_ref, v_ref) in zip(bank.template_kv(), alone.template_kv):
-    np.testing.assert_array_equal(k, np.asarray(k_ref[0]))
-    np.testing.assert_array_equal(v, np.asarray(v_ref[0]))
+  # format 4 keeps no template-head K/V: serving prefills the template head with every prompt
+  assert sorted(bank.array_shapes()) == sorted(FORMAT_4_ARRAYS)
+  assert sorted(os.listdir(path)) == sorted(FORMAT_4_ARRAYS + ("manifest.json",))
 
 
 def test_kill_then_resume_gives_the_same_bank(setup, reference_bank, tmp_path):
@@ -247,6 +253,26 @@ def test_int8_keys_carry_scales_and_an_append_keeps_them(setup, tmp_path):
     assert np.all(err <= scale[..., None] * 0.51 + 1e-6)
 
 
+def _as_old_format(setup, path, version):
+  """Turns the current bank at `path` into one of format `version` (2 or 3): those also stored the
+  template head's K/V [L, T, Hkv, D] (`template_k`, `template_v`, one storage chunk per layer,
+  checksummed as one segment) and its token ids (`template_tokens`)."""
+  model, _, tok = setup
+  c, m = model.config, _manifest(path, drop=("manifest_sha256",))
+  shape = (c.num_layers, model.msa.template_len, c.num_kv_heads, c.head_dim)
+  rng = np.random.default_rng(version)
+  for name in ("template_k", "template_v"):
+    value = rng.standard_normal(shape).astype(c.compute_dtype)
+    array = store.create_array(str(path), name, shape, value.dtype.name, (1,) + shape[1:])
+    array.write(value).result()
+    m["dtypes"][name] = value.dtype.name
+    m["checksums"][name] = [[0, shape[0], mf.rows_digest(value)]]
+  m["template_tokens"] = tok.encode(pf.TEMPLATE_HEAD)
+  m["format_version"] = version
+  m["manifest_sha256"] = mf.content_digest(m)
+  (path / "manifest.json").write_text(json.dumps(m))
+
+
 def test_a_format_2_bank_is_refused_and_converts(setup, tmp_path):
   model, params, _ = setup
   old = tmp_path / "old"
@@ -254,17 +280,16 @@ def test_a_format_2_bank_is_refused_and_converts(setup, tmp_path):
   exact = open_bank(str(old))
   keys = [exact.read("router_keys", r, 0, exact.num_chunks) for r in range(2)]
   content = exact.read("content_v", 1, 0, exact.num_chunks)
-  m = _manifest(old, drop=("manifest_sha256",))  # a format-2 bank: float32 keys, version 2
-  m["format_version"] = 2
-  m["manifest_sha256"] = mf.content_digest(m)
-  (old / "manifest.json").write_text(json.dumps(m))
-  with pytest.raises(BankError, match=r"format version 2, but this msa_jax reads version 3; "
+  _as_old_format(setup, old, 2)  # float32 keys, the template head's K/V, version 2
+  with pytest.raises(BankError, match=r"format version 2, but this msa_jax reads version 4; "
+                                      r"it holds float32 router keys and the template head's K/V; "
                                       r"convert it with `python tools/convert_bank.py "
                                       rf"--bank={old} --out=<new bank>`"):
     open_bank(str(old))
   convert_bank(str(old), str(tmp_path / "bf16"), log=lambda s: None)
   bank = open_bank(str(tmp_path / "bf16"), model.config, model.msa, params=params, verify="full")
-  assert bank.manifest.format_version == 3 and bank.router_key_dtype == "bfloat16"
+  assert bank.manifest.format_version == 4 and bank.router_key_dtype == "bfloat16"
+  assert sorted(os.listdir(tmp_path / "bf16")) == sorted(FORMAT_4_ARRAYS + ("manifest.json",))
   for r in range(2):
     np.testing.assert_array_equal(bank.read("router_keys", r, 0, bank.num_chunks),
                                   keys[r].astype(jnp.bfloat16))
@@ -284,6 +309,35 @@ def test_a_format_2_bank_is_refused_and_converts(setup, tmp_path):
                - keys[0])
   assert np.all(err <= scale[..., None] * 0.51 + np.abs(keys[0]) * 2**-8)
   assert sorted(os.listdir(tmp_path)) == ["bf16", "int8", "old"]  # no temporary directory left
+
+
+def test_a_format_3_bank_is_refused_and_converts_to_what_an_encode_writes(setup, tmp_path):
+  """Format 3 stored the template head's K/V, which serving never read: such a bank is refused,
+  naming that and the command that converts it, and the converted bank is byte for byte the one
+  a current encode writes (int8 keys and their scales kept as they are)."""
+  model, params, _ = setup
+  ref, old = tmp_path / "ref", tmp_path / "old"
+  _encode(setup, _texts(WORD_COUNTS[:6]), ref, router_key_dtype="int8")
+  shutil.copytree(ref, old)
+  _as_old_format(setup, old, 3)
+  message = (r"format version 3, but this msa_jax reads version 4; it holds the template head's "
+             r"K/V, which serving never reads; convert it with `python tools/convert_bank.py "
+             rf"--bank={old} --out=<new bank>`, or re-encode the corpus")
+  with pytest.raises(BankError, match=message):
+    open_bank(str(old))
+  with pytest.raises(BankError, match=message):  # nor is it appended to
+    _encode(setup, ["moon"], old, append=True)
+  run = subprocess.run([sys.executable, "tools/convert_bank.py", f"--bank={old}",
+                        f"--out={tmp_path / 'new'}"], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr
+  _assert_same_bank(tmp_path / "new", ref)
+  bank = open_bank(str(tmp_path / "new"), model.config, model.msa, params=params, verify="full")
+  assert bank.manifest.format_version == 4 and bank.router_key_dtype == "int8"
+  with pytest.raises(BankError, match="already format 4 with int8 router keys: nothing to convert"):
+    convert_bank(str(tmp_path / "new"), str(tmp_path / "again"), log=lambda s: None)
+  assert sorted(os.listdir(tmp_path)) == ["new", "old", "ref"]  # no temporary directory left
 
 
 def test_display_ids_from_the_corpus_and_duplicates(setup, tmp_path):

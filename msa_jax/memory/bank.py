@@ -1,12 +1,12 @@
 """`open_bank`: an encoded bank, validated, as a read-only `Bank`.
 
 Opening checks the manifest, that every array exists with the committed sizes and dtypes, the
-index arrays (offsets, display ids, text offsets) and the template KV against their checksums and
-invariants, and, when configs (and params) are given, that this model built the bank. The chunk
-arrays and the text are verified against their checksums when `verify="full"`, or with the default
-`verify="auto"` when the bank is at most `AUTO_VERIFY_BYTES`; a larger bank is not read in full at
-open, but each storage chunk carries a crc32c that every read checks, so corruption still surfaces
-as a `BankError` rather than as garbage.
+index arrays (offsets, display ids, text offsets) against their checksums and invariants, and,
+when configs (and params) are given, that this model built the bank. The chunk arrays and the text
+are verified against their checksums when `verify="full"`, or with the default `verify="auto"` when
+the bank is at most `AUTO_VERIFY_BYTES`; a larger bank is not read in full at open, but each
+storage chunk carries a crc32c that every read checks, so corruption still surfaces as a
+`BankError` rather than as garbage.
 """
 
 from __future__ import annotations
@@ -103,12 +103,6 @@ class Bank:
     self._check_doc(i)
     return int(self.doc_chunk_offsets[i]), int(self.doc_chunk_offsets[i + 1])
 
-  def template_kv(self) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per model layer: the template head's (k, v) [T, Hkv, D] (post-RoPE k), compute dtype."""
-    k = store.read(self.path, self._arrays["template_k"], "template_k", (Ellipsis,))
-    v = store.read(self.path, self._arrays["template_v"], "template_v", (Ellipsis,))
-    return [(k[i], v[i]) for i in range(k.shape[0])]
-
   def document_text(self, i: int) -> str:
     """The original (unwrapped) text of document i."""
     self._check_doc(i)
@@ -153,7 +147,7 @@ def open_bank(path: str, model_config: cfglib.ModelConfig | None = None,
   arrays = {name: store.open_array(path, name) for name in store.bank_arrays(manifest.dtypes)}
   _check_shapes(path, manifest, arrays)
   full = verify == "full" or (verify == "auto" and chunk_bytes(manifest) <= AUTO_VERIFY_BYTES)
-  for name in store.TEMPLATE_ARRAYS + store.INDEX_ARRAYS:
+  for name in store.INDEX_ARRAYS:
     verify_array(path, manifest, arrays[name], name)
   if full:
     for name in store.row_arrays(manifest.dtypes) + (store.TEXT_ARRAY,):
@@ -196,7 +190,7 @@ def committed_length(manifest: mf.BankManifest, name: str) -> int:
   if store.grow_axis(name) == 1:
     return manifest.num_chunks
   return {"doc_chunk_offsets": manifest.num_docs + 1, "text_offsets": manifest.num_docs + 1,
-          "display_ids": manifest.num_docs, "text": manifest.text_bytes}.get(name, 0)
+          "display_ids": manifest.num_docs, "text": manifest.text_bytes}[name]
 
 
 def _check_shapes(path: str, manifest: mf.BankManifest, arrays: dict) -> None:
@@ -212,7 +206,7 @@ def _check_shapes(path: str, manifest: mf.BankManifest, arrays: dict) -> None:
       raise BankError(f"bank {path}: array {name} has dtype {dtype}, the manifest says "
                       f"{manifest.dtypes.get(name)}")
     axis = store.grow_axis(name)
-    if axis is not None and array.shape[axis] < committed_length(manifest, name):
+    if array.shape[axis] < committed_length(manifest, name):
       raise BankError(f"bank {path}: array {name} is truncated: {array.shape[axis]} rows, the "
                       f"manifest commits {committed_length(manifest, name)}")
   router = arrays["router_keys"]
@@ -243,10 +237,9 @@ def checked_segments(path: str, manifest: mf.BankManifest, array, name: str):
                       f"their checksum in the manifest")
     yield start, stop, rows
     covered = stop
-  expected = committed_length(manifest, name) if store.grow_axis(name) is not None else covered
-  if covered != expected:
+  if covered != committed_length(manifest, name):
     raise BankError(f"bank {path}: checksums of {name} cover {covered} rows, the manifest "
-                    f"commits {expected}")
+                    f"commits {committed_length(manifest, name)}")
 
 
 def _check_index(path, manifest, offsets, ids, text_offsets) -> None:

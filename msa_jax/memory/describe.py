@@ -17,7 +17,7 @@ def describe(bank: Bank, num_docs: int = 3, text_chars: int = 80) -> str:
       f"  model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_kv_heads} KV "
       f"heads x {model.head_dim}, compute {model.compute_dtype}",
       f"  MSA: router layers {list(m.router_layers)}, chunk size P={m.chunk_size}, score mode "
-      f"{m.score_mode}, top-k {msa.top_k_docs}, template {m.template_tokens}",
+      f"{m.score_mode}, top-k {msa.top_k_docs}",
       f"  {m.num_docs:,} documents, {m.num_chunks:,} chunks, {m.text_bytes:,} text bytes, "
       f"{chunk_bytes(m) / 2**20:,.1f} MiB of chunk arrays and text",
       "  arrays:",

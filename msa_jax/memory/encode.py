@@ -45,7 +45,10 @@ from msa_jax.memory.writer import (DEFAULT_ROWS_PER_CHUNK, BankWriter, EncodedBa
 from msa_jax.model import entry_points, router_keys
 
 _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
-_encode_memory = jax.jit(entry_points.encode_memory, static_argnums=0)
+# Only the view: a bank does not keep the template head's K/V (serving prefills the template head),
+# so the compiled program leaves it out.
+_encode_view = jax.jit(lambda model, params, memory, template: entry_points.encode_memory(
+    model, params, memory, template).view, static_argnums=0)
 _quantize = jax.jit(router_keys.quantize, static_argnums=1)
 
 
@@ -294,9 +297,9 @@ class _Encoder:
                                 batch_rows=p.batch_rows, seq_len_mem=p.row_tokens,
                                 max_docs=p.max_docs_per_row, chunk_size=p.chunk_size,
                                 pad_id=p.pad_id, vocab_size=p.vocab_size)
-    return memory, _encode_memory(self.model, self.params, memory, self.template)
+    return memory, _encode_view(self.model, self.params, memory, self.template)
 
-  def commit(self, rows: list[list[_Tokenized]], memory, encoded) -> tuple[int, int]:
+  def commit(self, rows: list[list[_Tokenized]], memory, view) -> tuple[int, int]:
     """Pulls the batch's pooled slots to the host and commits its documents: (chunks, tokens)."""
     p = self.packing
     docs = [d for row in rows for d in row]
@@ -308,7 +311,7 @@ class _Encoder:
       raise BankError(f"internal error: chunk slots per document {owned.tolist()} differ from the "
                       f"expected {doc_chunks.tolist()}")
     valid = chunk_doc > 0
-    layers = encoded.view.layers
+    layers = view.layers
     keys, scales = _quantize(layers.k_r, self.key_dtype)
     keys, k, v, scales = jax.device_get((keys, layers.k, layers.v, scales))
     pick = lambda x: None if x is None else np.ascontiguousarray(x[:, valid])
@@ -319,20 +322,17 @@ class _Encoder:
     for d in docs:
       digest = _chain(digest, d.display_id, d.text)
     if self.writer is None:
-      template_k = np.stack([np.asarray(k[0]) for k, _ in encoded.template_kv])
-      template_v = np.stack([np.asarray(v[0]) for _, v in encoded.template_kv])
-      self.writer = BankWriter.create(self.path, self._new_manifest(batch, template_k), template_k,
-                                      template_v, batch, digest, self.lock)
+      self.writer = BankWriter.create(self.path, self._new_manifest(batch), batch, digest,
+                                      self.lock)
       self.session = self.writer.manifest.encoding
     else:
       self.writer.commit(batch, digest)
     return int(doc_chunks.sum()), int(sum(d.tokens.size for d in docs))
 
-  def _new_manifest(self, batch: EncodedBatch, template_k: np.ndarray) -> mf.BankManifest:
+  def _new_manifest(self, batch: EncodedBatch) -> mf.BankManifest:
     model_cfg, msa_cfg = self.model.config, self.model.msa
     dtypes = {"router_keys": batch.router_keys.dtype, "content_k": batch.content_k.dtype,
-              "content_v": batch.content_v.dtype, "template_k": template_k.dtype,
-              "template_v": template_k.dtype, "doc_chunk_offsets": np.int64,
+              "content_v": batch.content_v.dtype, "doc_chunk_offsets": np.int64,
               "display_ids": np.int64, "text_offsets": np.int64, "text": np.uint8}
     if batch.router_key_scales is not None:
       dtypes[store.KEY_SCALES] = batch.router_key_scales.dtype
@@ -345,9 +345,8 @@ class _Encoder:
         msa_config={**dataclasses.asdict(msa_cfg), "router_layers": list(msa_cfg.router_layers)},
         chunk_size=msa_cfg.chunk_size, router_layers=msa_cfg.router_layers, num_docs=0,
         num_chunks=0, text_bytes=0, dtypes={k: np.dtype(v).name for k, v in dtypes.items()},
-        score_mode=msa_cfg.score_mode, template_tokens=self.template.tolist(),
-        rows_per_chunk=self.rows_per_chunk, checksums={}, encoding=self.session, created=stamp,
-        updated=stamp)
+        score_mode=msa_cfg.score_mode, rows_per_chunk=self.rows_per_chunk, checksums={},
+        encoding=self.session, created=stamp, updated=stamp)
 
 
 def _is_empty_dir(path: str) -> bool:
@@ -412,8 +411,8 @@ def _run(enc: _Encoder, documents: Iterable[Document | str], progress_every_s: f
     enc.writer.start_session(enc.session)
 
   def commit(pending) -> None:
-    rows, memory, encoded = pending
-    chunks, tokens = enc.commit(rows, memory, encoded)
+    rows, memory, view = pending
+    chunks, tokens = enc.commit(rows, memory, view)
     stats.documents += sum(len(r) for r in rows)
     stats.tokens += tokens
     stats.chunks += chunks

@@ -35,8 +35,13 @@ from msa_jax import config as cfglib
 from msa_jax.memory.errors import BankError
 from msa_jax.model.param_layout import unstack_layers
 
-FORMAT_VERSION = 3  # 2: the manifest checksums itself; 3: router keys in bf16 or int8 (+ scales)
-CONVERTIBLE_VERSIONS = (2,)  # float32 router keys: `msa_jax.memory.convert` rewrites them
+# 2: the manifest checksums itself; 3: router keys in bf16 or int8 (+ scales); 4: no template-head
+# K/V (serving prefills the template head with every prompt, so format 3's copy was never read)
+FORMAT_VERSION = 4
+# What an older, convertible format holds that this one does not (`msa_jax.memory.convert`
+# rewrites such a bank)
+CONVERTIBLE_VERSIONS = {2: "float32 router keys and the template head's K/V",
+                        3: "the template head's K/V, which serving never reads"}
 MANIFEST_FILE = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"
 ENCODING_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -110,7 +115,6 @@ class BankManifest:
   text_bytes: int
   dtypes: dict[str, str]
   score_mode: str
-  template_tokens: list[int]
   rows_per_chunk: int
   checksums: dict[str, list[list]]
   encoding: EncodingSession | None
@@ -147,8 +151,8 @@ class BankManifest:
     if version not in versions:
       how = "re-encode the corpus"
       if version in CONVERTIBLE_VERSIONS:
-        how = (f"convert it with `python tools/convert_bank.py --bank={os.path.dirname(where)} "
-               f"--out=<new bank>` (router keys in bfloat16 by default), or {how}")
+        how = (f"it holds {CONVERTIBLE_VERSIONS[version]}; convert it with `python "
+               f"tools/convert_bank.py --bank={os.path.dirname(where)} --out=<new bank>`, or {how}")
       raise BankError(f"{where}: bank format version {version!r}, but this msa_jax reads version "
                       f"{FORMAT_VERSION}; {how}")
     names = [f.name for f in dataclasses.fields(cls)]

@@ -5,7 +5,6 @@
                                                         router keys in the bank's key dtype
                                                         (`msa_jax.model.router_keys`)
   router_key_scales                  [L_r, C, Hkv]     float32, only beside int8 router keys
-  template_k, template_v             [L, T, Hkv, D]    the template head's KV in every layer
   doc_chunk_offsets, text_offsets    [N + 1] int64     CSR offsets (chunk rows; text bytes)
   display_ids                        [N] int64
   text                               [bytes] uint8     the documents' UTF-8 text, concatenated
@@ -26,10 +25,9 @@ import tensorstore as ts
 from msa_jax.memory.errors import BankError
 
 CHUNK_ARRAYS = ("router_keys", "content_k", "content_v")
-TEMPLATE_ARRAYS = ("template_k", "template_v")
 INDEX_ARRAYS = ("doc_chunk_offsets", "display_ids", "text_offsets")
 TEXT_ARRAY = "text"
-ALL_ARRAYS = CHUNK_ARRAYS + TEMPLATE_ARRAYS + INDEX_ARRAYS + (TEXT_ARRAY,)  # in every bank
+ALL_ARRAYS = CHUNK_ARRAYS + INDEX_ARRAYS + (TEXT_ARRAY,)  # in every bank
 KEY_SCALES = "router_key_scales"
 _INDEX_CHUNK = 65536
 _TEXT_CHUNK = 1 << 20
@@ -45,13 +43,9 @@ def bank_arrays(dtypes) -> tuple[str, ...]:
   return ALL_ARRAYS + ((KEY_SCALES,) if KEY_SCALES in dtypes else ())
 
 
-def grow_axis(name: str) -> int | None:
-  """The axis an array grows along as documents commit (None: written once)."""
-  if name in CHUNK_ARRAYS + (KEY_SCALES,):
-    return 1
-  if name in TEMPLATE_ARRAYS:
-    return None
-  return 0
+def grow_axis(name: str) -> int:
+  """The axis an array grows along as documents commit."""
+  return 1 if name in CHUNK_ARRAYS + (KEY_SCALES,) else 0
 
 
 def _kvstore(bank_dir: str, name: str) -> dict:
@@ -86,17 +80,12 @@ def open_array(bank_dir: str, name: str) -> ts.TensorStore:
 def chunk_shape_of(name: str, shape, rows_per_chunk: int) -> tuple[int, ...]:
   if grow_axis(name) == 1:
     return (1, rows_per_chunk) + tuple(shape[2:])
-  if name in TEMPLATE_ARRAYS:
-    return (1,) + tuple(shape[1:])
   return (_TEXT_CHUNK if name == TEXT_ARRAY else _INDEX_CHUNK,)
 
 
 def axis_slice(name: str, start: int, stop: int) -> tuple:
-  """An index selecting rows [start, stop) along `name`'s growing axis (all of a fixed array)."""
-  axis = grow_axis(name)
-  if axis is None:
-    return (Ellipsis,)
-  return (slice(None),) * axis + (slice(start, stop),)
+  """An index selecting rows [start, stop) along `name`'s growing axis."""
+  return (slice(None),) * grow_axis(name) + (slice(start, stop),)
 
 
 def read(bank_dir: str, array: ts.TensorStore, name: str, index) -> np.ndarray:

@@ -65,14 +65,11 @@ class BankWriter:
     names = store.bank_arrays(manifest.dtypes)
     self._arrays = {name: store.open_array(path, name) for name in names}
     for name in names:
-      if store.grow_axis(name) is not None:
-        self._arrays[name] = store.resize(self._arrays[name], name,
-                                          committed_length(manifest, name))
+      self._arrays[name] = store.resize(self._arrays[name], name, committed_length(manifest, name))
 
   @classmethod
-  def create(cls, path: str, manifest: mf.BankManifest, template_k: np.ndarray,
-             template_v: np.ndarray, batch: EncodedBatch, session_digest: str,
-             lock: BankLock) -> "BankWriter":
+  def create(cls, path: str, manifest: mf.BankManifest, batch: EncodedBatch,
+             session_digest: str, lock: BankLock) -> "BankWriter":
     """Builds the bank with its first batch under a temporary name, then renames it to `path`
     (which may be an empty directory)."""
     path = os.path.abspath(path)
@@ -80,20 +77,18 @@ class BankWriter:
       raise BankError(f"cannot create a bank at {path}: it already exists")
     tmp = temp_sibling_dir(path)
     try:
-      hkv_d = template_k.shape[2:]
+      hkv_d = batch.content_k.shape[2:]
       layers = len(manifest.router_layers)
       shapes = {name: (layers, 0) + hkv_d for name in store.CHUNK_ARRAYS}
       if store.KEY_SCALES in manifest.dtypes:
         shapes[store.KEY_SCALES] = (layers, 0, hkv_d[0])
-      shapes.update({"template_k": template_k.shape, "template_v": template_v.shape,
-                     "doc_chunk_offsets": (1,), "text_offsets": (1,), "display_ids": (0,),
+      shapes.update({"doc_chunk_offsets": (1,), "text_offsets": (1,), "display_ids": (0,),
                      "text": (0,)})
       arrays = {name: store.create_array(tmp, name, shape, manifest.dtypes[name],
                                          store.chunk_shape_of(name, shape,
                                                               manifest.rows_per_chunk))
                 for name, shape in shapes.items()}
-      initial = {"template_k": template_k, "template_v": template_v,
-                 "doc_chunk_offsets": np.zeros(1, np.int64), "text_offsets": np.zeros(1, np.int64)}
+      initial = {"doc_chunk_offsets": np.zeros(1, np.int64), "text_offsets": np.zeros(1, np.int64)}
       for name, value in initial.items():
         arrays[name].write(value).result()
         manifest.checksums[name] = [[0, int(value.shape[0]), mf.rows_digest(value)]]
