@@ -11,8 +11,9 @@ chunks each), content tier and batch size, with random weights:
            every row runs the whole budget): B·new_tokens / time;
   memory   per device, the bytes of the weights and of the view's arrays it holds in device memory
            (HBM) and in host memory, summed over the placed arrays' shards; the tensorstore tier's
-           bytes on disk; where the backend reports them, each device's peak bytes in use; the
-           process's resident set.
+           bytes on disk; where the backend reports them, each device's peak bytes in use (the
+           allocator's high-water mark so far in the process, not per point); the process's
+           resident set.
 
 Memory parallel (DESIGN.md "Memory bank"): the view lies on a `memory` mesh of the first N devices,
 whole documents per device (`routing.plan_shards`), routed by the exact sharded top-k of
