@@ -129,6 +129,22 @@ def copy_bandwidth(num_bytes: int, *, steps: int, warmup: int) -> dict[str, Any]
   return {"bytes": 8 * n, "bytes_per_s": 8 * n / timing["median_s"], **timing}
 
 
+def host_link_bandwidth(num_bytes: int, memory_kind: str, *, steps: int,
+                        warmup: int) -> dict[str, Any]:
+  """Host-to-device bandwidth of one device: a jitted move of a float32 array in host memory
+  (`memory_kind`) into device memory, as the pinned_host tier moves its gathered rows (bytes moved
+  per second)."""
+  n = max(1, num_bytes // 4)
+  device = jax.devices()[0]
+  x = jax.device_put(jax.jit(lambda: jnp.arange(n, dtype=jnp.float32))(),
+                     jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind))
+  timing = time_call(jax.jit(lambda x: jax.device_put(x, jax.memory.Space.Device)), (x,),
+                     steps=steps, warmup=warmup)
+  del x
+  return {"bytes": 4 * n, "memory_kind": memory_kind, "bytes_per_s": 4 * n / timing["median_s"],
+          **timing}
+
+
 def matmul_rate(n: int, dtype=jnp.float32, *, steps: int, warmup: int) -> dict[str, Any]:
   """FLOP/s of an [n, n] x [n, n] product of `dtype` operands accumulating in float32 at the
   default precision (what routing's score matmul does): the compute ceiling for the score FLOPs."""
