@@ -120,14 +120,14 @@ def _check_prefill(model, prompt, logits, out, ref_logits, ref_out, num_docs):
   err = float(np.abs(logits - ref_logits)[valid].max())
   assert err < 1e-5, err
   k = min(model.msa.top_k_docs, num_docs)
-  ref_scores = np.asarray(ref_out.doc_scores)  # [L_r, B, C]
+  ref_scores = np.asarray(ref_out.selection.doc_scores)  # [L_r, B, C]
   for r in range(len(model.msa.router_layers)):
     for b in range(logits.shape[0]):
       order = _expected_order(ref_scores[r, b], num_docs, k)
       # cosine scores are bounded by 1: an absolute tolerance at float32 rounding of O(1) terms
-      np.testing.assert_allclose(np.asarray(out.doc_scores[r, b, :k]), ref_scores[r, b, order],
+      np.testing.assert_allclose(np.asarray(out.selection.doc_scores[r, b, :k]), ref_scores[r, b, order],
                                  rtol=0, atol=1e-6)
-      assert np.asarray(out.doc_selected[r, b]).sum() == k
+      assert np.asarray(out.selection.doc_selected[r, b]).sum() == k
 
 
 def test_prefill_over_a_bank_equals_the_memory_view(setup, encoded):
@@ -140,8 +140,8 @@ def test_prefill_over_a_bank_equals_the_memory_view(setup, encoded):
     _check_prefill(model, prompt, *per_tier[tier], ref_logits, ref_out, bank.num_docs)
   # the tiers give identical results (their gathers are exact copies of the same rows)
   np.testing.assert_array_equal(per_tier["tensorstore"][0], per_tier["device"][0])
-  np.testing.assert_array_equal(per_tier["tensorstore"][1].doc_scores,
-                                per_tier["device"][1].doc_scores)
+  np.testing.assert_array_equal(per_tier["tensorstore"][1].selection.doc_scores,
+                                per_tier["device"][1].selection.doc_scores)
   # pinned_host, scanned layers (the view's `span`), the batch sharded over `data`
   scanned = model.clone(config=model.config.replace(scan_layers=True))
   stacked = stack_layers(params, model.config.num_layers, model.msa.router_layers)

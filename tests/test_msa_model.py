@@ -58,14 +58,14 @@ def test_encode_then_prefill_reproduces_training_forward(scan, overrides):
   err = float(np.abs(np.asarray(p_logits) - np.asarray(logits))[valid].max())
   print(f"encode+prefill vs training forward ({overrides}, scan={scan}): max |Δlogits| = {err:.2e}")
   assert err < 1e-5
-  np.testing.assert_array_equal(p_out.doc_selected, out.doc_selected)
-  np.testing.assert_allclose(p_out.doc_scores, out.doc_scores, atol=1e-6)
+  np.testing.assert_array_equal(p_out.selection.doc_selected, out.doc_selected)
+  np.testing.assert_allclose(p_out.selection.doc_scores, out.doc_scores, atol=1e-6)
   k_eff = np.minimum(model.msa.top_k_docs, [len(d) for d in DOCS])
   np.testing.assert_array_equal(np.asarray(out.doc_selected).sum(-1), np.broadcast_to(k_eff, (2, 2)))
   # the template head's KV equals the prompt stream's KV at those positions, in every layer
-  kv = jax.jit(lambda p, pr: model.clone(collect=("prompt_kv",)).apply({"params": p}, pr))(
-      params, prompt).extras["prompt_kv"]
-  for (tk, tv), (pk, pv) in zip(encoded.template_kv, kv):
+  kv = jax.jit(lambda p, pr: model.apply({"params": p}, pr, method=MSAForCausalLM.prefill))(
+      params, prompt).kv
+  for (tk, tv), (pk, pv, _, _) in zip(encoded.template_kv, kv):
     np.testing.assert_allclose(tk[0], pk[0, :3], atol=1e-6)
     np.testing.assert_allclose(tv[0], pv[0, :3], atol=1e-6)
 

@@ -184,7 +184,8 @@ def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
   forced_logits, forced = entry_points.prefill(model, params, prompt, ForcedView(view, gold))
   # the router's scores of the forced run (after the first router layer they see the forced
   # documents' output): the selection is their top-k with the gold replacing the lowest pick
-  scores, present = np.asarray(forced.doc_scores), np.asarray(forced.doc_present)
+  forced, plain = forced.selection, plain.selection
+  scores, present = np.asarray(forced.doc_scores), np.asarray(forced.doc_present)[0]
   np.testing.assert_array_equal(scores[0], np.asarray(plain.doc_scores)[0])
   missed = 0
   for layer in range(scores.shape[0]):

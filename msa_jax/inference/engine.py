@@ -80,20 +80,19 @@ def _batched_view(view, batch: int):
 
 
 def _prefill(model: MSAForCausalLM, params, prompt: PromptBatch, view, *, budget: int):
-  """(DecodeState with `budget` free slots per layer, the view's selection per router layer)."""
+  """(DecodeState with `budget` free slots per layer, the view's selection stacked per router layer)."""
   b, s = prompt.tokens.shape
   last = jnp.sum(prompt.segment_ids, axis=1) - 1
   rows = jnp.arange(b)
 
   def run(module, prompt, view):
-    out = module(prompt, None, view)
-    return module.logits(out.hidden[rows, last][:, None])[:, 0], out.extras
+    out = module.prefill(prompt, view)
+    return module.logits(out.hidden[rows, last][:, None])[:, 0], out
 
-  logits, extras = model.clone(collect=("kv", "selection")).apply(
-      {"params": params}, prompt, _batched_view(view, b), method=run)
-  caches = [kv_cache.from_prefill(kv, s, budget) for kv in extras["kv"]]
+  logits, out = model.apply({"params": params}, prompt, _batched_view(view, b), method=run)
+  caches = [kv_cache.from_prefill(kv, s, budget) for kv in out.kv]
   state = DecodeState(caches, logits.astype(jnp.float32), prompt.positions[rows, last] + 1)
-  return state, extras.get("selection", [])
+  return state, out.selection
 
 
 def _append(model: MSAForCausalLM, params, state: DecodeState, tokens, valid) -> DecodeState:
@@ -105,9 +104,9 @@ def _append(model: MSAForCausalLM, params, state: DecodeState, tokens, valid) ->
   rows = jnp.arange(tokens.shape[0])
 
   def run(module, prompt, caches):
-    out = module(prompt, cache=caches)
+    out = module.decode_step(prompt, caches)
     last = out.hidden[rows, jnp.maximum(count - 1, 0)]
-    return module.logits(last[:, None])[:, 0], out.extras["cache"]
+    return module.logits(last[:, None])[:, 0], out.caches
 
   logits, caches = model.apply({"params": params}, plain_prompt(tokens, positions, valid),
                                state.caches, method=run)
@@ -194,7 +193,7 @@ class Engine:
     if max_batch < 1 or cap <= m.template_len:
       raise EngineError(f"max_batch must be >= 1 and max_prompt_len > the template head "
                         f"({m.template_len}); got {max_batch}, {cap}")
-    self.model = model.clone(config=c.replace(scan_layers=False, remat_policy="none"), collect=())
+    self.model = model.clone(config=c.replace(scan_layers=False, remat_policy="none"))
     self.params = unstack_layers(params) if c.scan_layers else params
     self.view = view
     self.max_batch = max_batch
@@ -264,9 +263,12 @@ class Engine:
       self.check_request(i, r)
     if budget is None:
       budget = next_power_of_two(max(r.max_new_tokens for r in requests), MIN_NEW_TOKENS_BUCKET)
-    state, selections = _prefill_jit(self.model, self.params, self._prompt_batch(requests),
-                                     self.view, budget=budget)
-    return state, _routing(jax.device_get(selections), self.model.msa.router_layers, len(requests))
+    state, stacked = _prefill_jit(self.model, self.params, self._prompt_batch(requests),
+                                  self.view, budget=budget)
+    stacked = jax.device_get(stacked)
+    layers = self.model.msa.router_layers
+    selections = [jax.tree.map(lambda x, r=r: x[r], stacked) for r in range(len(layers))]
+    return state, _routing(selections, layers, len(requests))
 
   def append(self, state: DecodeState, tokens: Sequence[Sequence[int]]) -> DecodeState:
     """Appends each row's `tokens` (rows of different lengths allowed, any may be empty) at once;

@@ -122,14 +122,14 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
                                     answer=[], answer_target=[]) for r in chunk]
     view = decoder.encode(retrieve)
     written, out = decoder.generate(view, retrieve, ref_end)
-    d = out.doc_scores.shape[-1]
+    d = out.selection.doc_scores.shape[-1]
     labels = np.zeros((len(chunk), d), np.int32)
     for b, s in enumerate(retrieve):
       labels[b, list(s.positive_docs)] = 1
     recalls = {}
     for n in RECALL_AT:
-      per = router_recall(out.doc_scores, out.doc_present, jnp.asarray(labels), ns=(n,),
-                          per_sample=True)[f"recall@{n}"]
+      per = router_recall(out.selection.doc_scores, out.selection.doc_present[0],
+                          jnp.asarray(labels), ns=(n,), per_sample=True)[f"recall@{n}"]
       recalls[n] = np.asarray(per)  # [L, B]
     answers, _ = decoder.generate(
         view, [_answer_prefix_sample(r, tokenizer, align_to) for r in chunk], im_end)

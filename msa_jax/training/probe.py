@@ -156,8 +156,8 @@ def _score(model: MSAForCausalLM, params, view: MemoryView, rows, forced, prompt
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   labels = jnp.maximum(prompt.labels, 0)
   label_logp = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  return (label_logp, jnp.argmax(logits, axis=-1) == labels, out.doc_scores, out.doc_selected,
-          out.doc_present)
+  return (label_logp, jnp.argmax(logits, axis=-1) == labels, out.selection.doc_scores,
+          out.selection.doc_selected, out.selection.doc_present[0])
 
 
 class _Tally:
