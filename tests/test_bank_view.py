@@ -17,9 +17,9 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.memory import open_bank, routing, tiers
-from msa_jax.memory.bank_view import BankSelection, open_view
+from msa_jax.memory.bank_view import open_view
 from msa_jax.memory.encode import encode_corpus
-from msa_jax.model import entry_points
+from msa_jax.model import entry_points, router
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import stack_layers
 from msa_jax.sharding import make_mesh
@@ -87,16 +87,16 @@ def test_layer_route_and_gather_equal_the_memory_view(setup, encoded, tier):
   for layer in model.msa.router_layers:
     ref_layer = view.at(layer)
     ref = ref_layer.route(q_r, mask, model.msa)
+    ref_scores = np.asarray(ref_layer.score_documents(q_r, mask, model.msa).scores)
     bank.rows_read = 0
     got, (gk, gv, gmask) = jax.jit(lambda q, m, lm: (lambda s: (s, lm.gather(s)))(
         lm.route(q, m, model.msa)))(q_r, mask, bank_view.at(layer))
-    assert isinstance(got, BankSelection)
+    assert isinstance(got, router.Selection)  # the one selection type of every view
     rk, rv, rmask = ref_layer.gather(ref)
-    ref_scores = np.asarray(ref.doc_scores)
     for b in range(2):
       order = _expected_order(ref_scores[b], bank.num_docs, k)
       np.testing.assert_array_equal(np.asarray(got.doc_index[b]), order)
-      np.testing.assert_allclose(np.asarray(got.doc_scores[b]), ref_scores[b, order], rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(got.scores[b]), ref_scores[b, order], rtol=1e-6)
       # the gathered chunks are exactly the selected documents' chunks (bit for bit)
       for g, r in ((gk, rk), (gv, rv)):
         rows = np.asarray(g[b])[np.asarray(gmask[b])].reshape(-1, 32)
@@ -120,14 +120,14 @@ def _check_prefill(model, prompt, logits, out, ref_logits, ref_out, num_docs):
   err = float(np.abs(logits - ref_logits)[valid].max())
   assert err < 1e-5, err
   k = min(model.msa.top_k_docs, num_docs)
-  ref_scores = np.asarray(ref_out.selection.doc_scores)  # [L_r, B, C]
+  ref = ref_out.selection  # [L_r, B, k'] best first, as the bank's [L_r, B, k]
   for r in range(len(model.msa.router_layers)):
     for b in range(logits.shape[0]):
-      order = _expected_order(ref_scores[r, b], num_docs, k)
+      assert np.asarray(ref.valid[r, b]).sum() == k
       # cosine scores are bounded by 1: an absolute tolerance at float32 rounding of O(1) terms
-      np.testing.assert_allclose(np.asarray(out.selection.doc_scores[r, b, :k]), ref_scores[r, b, order],
-                                 rtol=0, atol=1e-6)
-      assert np.asarray(out.selection.doc_selected[r, b]).sum() == k
+      np.testing.assert_allclose(np.asarray(out.selection.scores[r, b, :k]),
+                                 np.asarray(ref.scores[r, b, :k]), rtol=0, atol=1e-6)
+      assert np.asarray(out.selection.valid[r, b]).sum() == k
 
 
 def test_prefill_over_a_bank_equals_the_memory_view(setup, encoded):
@@ -140,8 +140,8 @@ def test_prefill_over_a_bank_equals_the_memory_view(setup, encoded):
     _check_prefill(model, prompt, *per_tier[tier], ref_logits, ref_out, bank.num_docs)
   # the tiers give identical results (their gathers are exact copies of the same rows)
   np.testing.assert_array_equal(per_tier["tensorstore"][0], per_tier["device"][0])
-  np.testing.assert_array_equal(per_tier["tensorstore"][1].selection.doc_scores,
-                                per_tier["device"][1].selection.doc_scores)
+  np.testing.assert_array_equal(per_tier["tensorstore"][1].selection.scores,
+                                per_tier["device"][1].selection.scores)
   # pinned_host, scanned layers (the view's `span`), the batch sharded over `data`
   scanned = model.clone(config=model.config.replace(scan_layers=True))
   stacked = stack_layers(params, model.config.num_layers, model.msa.router_layers)

@@ -16,7 +16,7 @@ from msa_jax.inference import sampling
 from msa_jax.inference.engine import Engine, EngineError, _routing
 from msa_jax.inference.requests import Request, SamplingConfig
 from msa_jax.memory.bank_view import open_view
-from msa_jax.model import entry_points
+from msa_jax.model import entry_points, router
 from msa_jax.kernels.segment_attention import blockwise
 from msa_jax.model.memory_view import MemoryView
 from msa_jax.model.model import MSAForCausalLM
@@ -82,7 +82,8 @@ def test_greedy_tokens_equal_training_forward_argmax_and_routing(setup):
     np.testing.assert_array_equal(predicted, g.tokens)
     for j, routing in enumerate(g.routing):
       assert routing.layer == model.msa.router_layers[j]
-      chosen = np.flatnonzero(np.asarray(out.doc_selected)[j, b])
+      chosen = np.asarray(out.selection.doc_index)[j, b][np.asarray(out.selection.valid)[j, b]]
+      chosen = np.sort(chosen)
       assert sorted(routing.doc_index.tolist()) == chosen.tolist() and len(chosen) == 2
       scores = np.asarray(out.doc_scores)[j, b]
       np.testing.assert_allclose(routing.scores, scores[routing.doc_index], atol=1e-6)
@@ -213,15 +214,9 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
 
 
 def test_bank_style_selection_reports_its_global_indices():
-  @dataclasses.dataclass
-  class BankSelection:
-    doc_index: np.ndarray
-    doc_scores: np.ndarray
-    doc_selected: np.ndarray
-
-  sel = BankSelection(np.array([[907, 12, 0]]), np.array([[0.9, 0.5, -1e30]]),
-                      np.array([[True, True, False]]))
-  (routing,), = _routing([sel], (5,), 1)
+  sel = router.Selection(np.array([[[907, 12, -1]]]), np.array([[[0.9, 0.5, -np.inf]]]),
+                         np.array([[[True, True, False]]]))  # [L_r=1, B=1, k=3]
+  (routing,), = _routing(sel, (5,), 1)
   assert routing.layer == 5 and routing.doc_index.tolist() == [907, 12]
   np.testing.assert_allclose(routing.scores, [0.9, 0.5])
 

@@ -58,10 +58,12 @@ def test_encode_then_prefill_reproduces_training_forward(scan, overrides):
   err = float(np.abs(np.asarray(p_logits) - np.asarray(logits))[valid].max())
   print(f"encode+prefill vs training forward ({overrides}, scan={scan}): max |Δlogits| = {err:.2e}")
   assert err < 1e-5
-  np.testing.assert_array_equal(p_out.selection.doc_selected, out.doc_selected)
-  np.testing.assert_allclose(p_out.selection.doc_scores, out.doc_scores, atol=1e-6)
+  np.testing.assert_array_equal(p_out.selection.doc_index, out.selection.doc_index)
+  np.testing.assert_array_equal(p_out.selection.valid, out.selection.valid)
+  np.testing.assert_allclose(p_out.selection.scores, out.selection.scores, atol=1e-6)
   k_eff = np.minimum(model.msa.top_k_docs, [len(d) for d in DOCS])
-  np.testing.assert_array_equal(np.asarray(out.doc_selected).sum(-1), np.broadcast_to(k_eff, (2, 2)))
+  np.testing.assert_array_equal(np.asarray(out.selection.valid).sum(-1),
+                                np.broadcast_to(k_eff, (2, 2)))
   # the template head's KV equals the prompt stream's KV at those positions, in every layer
   kv = jax.jit(lambda p, pr: model.apply({"params": p}, pr, method=MSAForCausalLM.prefill))(
       params, prompt).kv
@@ -91,7 +93,8 @@ def test_prompt_is_invariant_to_document_order_and_padding():
   np.testing.assert_allclose(shuffled[valid], base[valid], atol=1e-5)
   for b, s in enumerate(permuted):  # the same documents are selected, wherever they sit
     picked = lambda o, samp: {tuple(samp.documents[d]) for d in
-                              np.flatnonzero(np.asarray(o.doc_selected)[-1, b])}
+                              np.asarray(o.selection.doc_index)[-1, b]
+                              [np.asarray(o.selection.valid)[-1, b]]}
     assert picked(out_p, s) == picked(out, samples[b])
   padded, _, _ = _hidden(model, params, samples, seq_len_mem=80, seq_len_prompt=24, max_docs=9)
   np.testing.assert_allclose(padded[:, :16][valid], base[valid], atol=1e-5)
@@ -116,7 +119,7 @@ def test_empty_memory_equals_backbone_and_transformers(tmp_path):
   logits, out = jax.jit(lambda p, m, pr: model.apply({"params": p}, pr, m,
                                                      method=MSAForCausalLM.prompt_logits))(
       loaded.params, memory, prompt)
-  assert not np.asarray(out.doc_selected).any()
+  assert not np.asarray(out.selection.valid).any()
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[valid],
                              np.asarray(loaded.logits(tokens, segment_ids=mask))[valid], atol=1e-6)

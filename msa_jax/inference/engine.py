@@ -33,7 +33,6 @@ from msa_jax.data.batch import PromptBatch, inference_prompt, plain_prompt
 from msa_jax.data.batch_builder import bucket_length
 from msa_jax.inference import kv_cache, sampling
 from msa_jax.inference.requests import Generation, LayerRouting, Request, SamplingConfig
-from msa_jax.model.memory_view import MemoryView
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import unstack_layers
 
@@ -72,13 +71,6 @@ class DecodeState:
 # --------------------------------------------------------------------------- device programs
 
 
-def _batched_view(view, batch: int):
-  """An in-memory `MemoryView` holds one memory row; every request of the batch routes over it."""
-  if isinstance(view, MemoryView):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, x.shape[:1] + (batch,) + x.shape[2:]), view)
-  return view
-
-
 def _prefill(model: MSAForCausalLM, params, prompt: PromptBatch, view, *, budget: int):
   """(DecodeState with `budget` free slots per layer, the view's selection stacked per router layer)."""
   b, s = prompt.tokens.shape
@@ -89,7 +81,8 @@ def _prefill(model: MSAForCausalLM, params, prompt: PromptBatch, view, *, budget
     out = module.prefill(prompt, view)
     return module.logits(out.hidden[rows, last][:, None])[:, 0], out
 
-  logits, out = model.apply({"params": params}, prompt, _batched_view(view, b), method=run)
+  view = None if view is None else view.for_batch(b)
+  logits, out = model.apply({"params": params}, prompt, view, method=run)
   caches = [kv_cache.from_prefill(kv, s, budget) for kv in out.kv]
   state = DecodeState(caches, logits.astype(jnp.float32), prompt.positions[rows, last] + 1)
   return state, out.selection
@@ -177,8 +170,9 @@ def _as_ids(i: int, what: str, ids, vocab: int) -> np.ndarray:
 
 class Engine:
   """Serves `Request`s against one memory: `view` is an in-memory `MemoryView` of one memory row
-  (`entry_points.encode_memory`) or any view with the same route/gather protocol (the memory bank)
-  that serves a whole batch; None for a model without router layers.
+  (`entry_points.encode_memory`) or any view with the same protocol (the memory bank): route /
+  gather per layer, `for_batch(b)` and `serving_problem(config)`; None for a model without
+  router layers.
 
   `max_batch` rows run together; `max_prompt_len` (default: what the model's positions allow) caps
   the prompt bucket. A model in the scanned layout is served in the per-layer one (same params).
@@ -263,12 +257,9 @@ class Engine:
       self.check_request(i, r)
     if budget is None:
       budget = next_power_of_two(max(r.max_new_tokens for r in requests), MIN_NEW_TOKENS_BUCKET)
-    state, stacked = _prefill_jit(self.model, self.params, self._prompt_batch(requests),
-                                  self.view, budget=budget)
-    stacked = jax.device_get(stacked)
-    layers = self.model.msa.router_layers
-    selections = [jax.tree.map(lambda x, r=r: x[r], stacked) for r in range(len(layers))]
-    return state, _routing(selections, layers, len(requests))
+    state, selection = _prefill_jit(self.model, self.params, self._prompt_batch(requests),
+                                    self.view, budget=budget)
+    return state, _routing(jax.device_get(selection), self.model.msa.router_layers, len(requests))
 
   def append(self, state: DecodeState, tokens: Sequence[Sequence[int]]) -> DecodeState:
     """Appends each row's `tokens` (rows of different lengths allowed, any may be empty) at once;
@@ -344,36 +335,23 @@ def _check_view(view, model: MSAForCausalLM) -> None:
     if routers:
       raise EngineError(f"the model routes at layers {routers}; it needs a memory view")
     return
-  held = tuple(getattr(view, "router_layers", ()))
+  held = tuple(view.router_layers)
   if held != routers:
     raise EngineError(f"the memory view holds router layers {held} but the model routes at "
                       f"{routers}: was it built by another model?")
-  if isinstance(view, MemoryView):
-    c = model.config
-    shape = tuple(view.layers.k.shape)
-    if shape[-2:] != (c.num_kv_heads, c.head_dim):
-      raise EngineError(f"the memory view's keys have {shape[-2]} heads of {shape[-1]} dims but "
-                        f"the model has {c.num_kv_heads} of {c.head_dim}: built by another model?")
-    if shape[1] != 1:
-      raise EngineError(f"the engine serves one memory shared by all requests; this MemoryView "
-                        f"holds {shape[1]} memory rows (encode the memory as one row)")
+  problem = view.serving_problem(model.config)
+  if problem:
+    raise EngineError(problem)
 
 
-def _routing(selections, router_layers, n: int) -> list[list[LayerRouting]]:
-  """Per request, per router layer: the selected documents best first, with their scores. A view
-  whose selection carries `doc_index` (the bank) gives global indices; otherwise document columns
-  of the in-memory view are its 0-based document indices."""
+def _routing(selection, router_layers, n: int) -> list[list[LayerRouting]]:
+  """Per request, per router layer: the selected documents best first, with their scores, from
+  the view's selection stacked per router layer (`router.Selection`, [L_r, B, k])."""
   out = [[] for _ in range(n)]
-  for layer, sel in zip(router_layers, selections):
-    scores = np.asarray(sel.doc_scores, np.float32)
-    chosen = np.asarray(sel.doc_selected, bool)
-    index = getattr(sel, "doc_index", None)
+  for r, layer in enumerate(router_layers):
+    index, scores, valid = (np.asarray(x[r]) for x in (selection.doc_index, selection.scores,
+                                                        selection.valid))
     for b in range(n):
-      if index is not None:
-        docs, s = np.asarray(index[b])[chosen[b]], scores[b][chosen[b]]
-      else:
-        cols = np.flatnonzero(chosen[b])
-        order = np.argsort(-scores[b][cols], kind="stable")
-        docs, s = cols[order], scores[b][cols][order]
-      out[b].append(LayerRouting(layer=layer, doc_index=docs.astype(np.int64), scores=s))
+      out[b].append(LayerRouting(layer=layer, doc_index=index[b][valid[b]].astype(np.int64),
+                                 scores=scores[b][valid[b]].astype(np.float32)))
   return out

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from msa_jax.config import ModelConfig, MSAConfig
 from msa_jax.kernels.segment_attention.api import segment_attention
+from msa_jax.model import router
 from msa_jax.model.attention import Attention
 from msa_jax.model.layers import RMSNorm
 from msa_jax.model.memory_view import LayerMemory
@@ -95,17 +96,22 @@ class MSADecoderLayer(nn.Module):
                          memory.chunk_doc, coupled=not self.msa.decouple_router)
     return x, pooled
 
-  def _prompt_stream(self, x, prompt, layer_memory) -> tuple[jax.Array, PromptLayerOutput]:
+  def _prompt_stream(self, x, prompt, layer_memory, route=None
+                     ) -> tuple[jax.Array, PromptLayerOutput, Any]:
     """Router layers with a memory route, gather and attend over [selected chunks | prompt];
-    without one (an empty memory) the prompt attends to itself only."""
+    without one (an empty memory) the prompt attends to itself only. `route(q_r) -> (selection,
+    aux)` replaces the view's `route` (training keeps its document scores as `aux`)."""
     h = self.input_norm(x)
     q, k, v = self.attn.qkv(h, prompt.positions)
     q_seg, q_idx = prompt.segment_ids, _row_index(prompt.tokens)
     kv_seg, kv_idx = q_seg, q_idx
-    selection = None
+    selection = aux = None
     if self.is_router_layer and layer_memory is not None:
       q_r = self.attn.router_projections(h)[0] if self.msa.decouple_router else q
-      selection = layer_memory.route(q_r, prompt.route_mask, self.msa)
+      if route is None:
+        selection = layer_memory.route(q_r, prompt.route_mask, self.msa)
+      else:
+        selection, aux = route(q_r)
       mem_k, mem_v, mem_mask = layer_memory.gather(selection)
       n = mem_mask.shape[-1]
       first = first_memory_index(prompt.sees_memory)
@@ -117,20 +123,26 @@ class MSADecoderLayer(nn.Module):
     elif self.is_router_layer and self.is_initializing():
       self.attn.router_projections(h)  # a prompt-only init still creates the router parameters
     x = self._finish(x, self._attend(q, k, v, q_seg, q_idx, kv_seg, kv_idx))
-    return x, PromptLayerOutput(selection, (k, v, kv_seg, kv_idx))
+    return x, PromptLayerOutput(selection, (k, v, kv_seg, kv_idx)), aux
 
   # ------------------------------------------------------------------ one method per caller
 
   def __call__(self, carry, batch, xs=None):
-    """Training: carry (x_mem | None, x_prompt), batch (memory | None, prompt) -> the selection
-    (router layers with a memory stream; else None). Routes over this layer's own pooled chunks."""
+    """Training: carry (x_mem | None, x_prompt), batch (memory | None, prompt) -> (selection,
+    `router.DocumentScores`) (router layers with a memory stream; else None). Routes over this
+    layer's own pooled chunks, keeping every document's score for the aux loss."""
     x_mem, x_prompt = carry
     memory, prompt = batch
     pooled = None
     if memory is not None:
       x_mem, pooled = self._memory_stream(x_mem, memory)
-    x_prompt, out = self._prompt_stream(x_prompt, prompt, pooled)
-    return (x_mem, x_prompt), out.selection
+
+    def route(q_r):
+      doc = pooled.score_documents(q_r, prompt.route_mask, self.msa)
+      return router.select_top_k(doc, self.msa.top_k_docs), doc
+
+    x_prompt, out, doc = self._prompt_stream(x_prompt, prompt, pooled, route)
+    return (x_mem, x_prompt), (None if doc is None else (out.selection, doc))
 
   def encode(self, x, memory, xs=None):
     """Stage 1: the memory stream only -> (x, this layer's `LayerMemory` or None)."""
@@ -138,7 +150,7 @@ class MSADecoderLayer(nn.Module):
 
   def prefill(self, x, prompt, layer_memory=None):
     """Stage 2: the prompt stream over `layer_memory` (None: no memory) -> (x, PromptLayerOutput)."""
-    return self._prompt_stream(x, prompt, layer_memory)
+    return self._prompt_stream(x, prompt, layer_memory)[:2]
 
   def decode(self, x, prompt, cache):
     """Stage 3: the prompt's new tokens are written into `cache` (an object with

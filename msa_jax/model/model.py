@@ -52,14 +52,15 @@ class ForwardOutput:
   """Training forward. hidden [B,S_q,E]: final-normed prompt states; memory_hidden [B,S_mem,E]:
   final-normed memory-stream states (None without a memory stream; the memory LM loss reads them,
   anything else leaves them to dead-code elimination); per router layer, stacked in
-  `router_layers` order: doc_scores [L_r,B,C] f32, doc_selected [L_r,B,C] bool; doc_present [B,C]
-  (column d-1 = document d; C = chunk slots, an upper bound on documents per row). The routing
-  fields are None without a memory stream or router layers."""
+  `router_layers` order: `selection` (a `router.Selection`, [L_r,B,k], as prefill's) and, for the
+  aux loss and router recall, every document's score doc_scores [L_r,B,C] f32 with doc_present
+  [B,C] (column d-1 = document d; C = chunk slots, an upper bound on documents per row). The
+  routing fields are None without a memory stream or router layers."""
 
   hidden: jax.Array
   memory_hidden: jax.Array | None
+  selection: Any
   doc_scores: jax.Array | None
-  doc_selected: jax.Array | None
   doc_present: jax.Array | None
 
 
@@ -74,8 +75,8 @@ class EncodedMemory:
 
 @flax.struct.dataclass
 class PrefillOutput:
-  """Stage 2. hidden [B,S_q,E] final-normed; `selection`: the view's selection per router layer,
-  stacked on a leading [L_r] axis (None without a view or router layers); `kv[i] = (k, v, seg, idx)`:
+  """Stage 2. hidden [B,S_q,E] final-normed; `selection`: the view's `router.Selection` per router
+  layer, best first, stacked to [L_r, B, k] (None without a view or router layers); `kv[i] = (k, v, seg, idx)`:
   every key layer i's prompt attended (gathered chunks, then the prompt), to seed a decode cache."""
 
   hidden: jax.Array
@@ -162,13 +163,13 @@ class MSAForCausalLM(nn.Module):
     the pooled chunks of this batch's own memory stream (None: an empty memory, the backbone)."""
     streams = (None if memory is None else self._embed(memory.tokens), self._embed(prompt.tokens))
     (x_mem, x_prompt), per_layer = self._run_layers("__call__", streams, (memory, prompt))
-    selection = self._stack_routers(per_layer)
+    routed = self._stack_routers(per_layer)
+    selection, doc = (None, None) if routed is None else routed
     return ForwardOutput(
         hidden=self.final_norm(x_prompt),
         memory_hidden=None if x_mem is None else self.final_norm(x_mem),
-        doc_scores=None if selection is None else selection.doc_scores,
-        doc_selected=None if selection is None else selection.doc_selected,
-        doc_present=None if selection is None else selection.doc_present[0])
+        selection=selection, doc_scores=None if doc is None else doc.scores,
+        doc_present=None if doc is None else doc.present[0])
 
   def encode(self, memory, template_tokens) -> EncodedMemory:
     """Stage 1: documents (the memory stream) and the template head (positions 0..T-1, no memory)."""

@@ -31,7 +31,7 @@ from msa_jax.data.transcript import num_steps, record_step_sample, restatement
 from msa_jax.jsonl_log import JsonlLog
 from msa_jax.model import entry_points
 from msa_jax.model.model import MSAForCausalLM
-from msa_jax.training.losses import router_recall
+from msa_jax.training.losses import selection_recall
 
 RECALL_AT = (1, 5, 16)
 
@@ -122,14 +122,14 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
                                     answer=[], answer_target=[]) for r in chunk]
     view = decoder.encode(retrieve)
     written, out = decoder.generate(view, retrieve, ref_end)
-    d = out.selection.doc_scores.shape[-1]
-    labels = np.zeros((len(chunk), d), np.int32)
+    d = view.layers.chunk_doc.shape[-1]
+    positives = np.zeros((len(chunk), d), bool)
     for b, s in enumerate(retrieve):
-      labels[b, list(s.positive_docs)] = 1
+      positives[b, list(s.positive_docs)] = True
     recalls = {}
     for n in RECALL_AT:
-      per = router_recall(out.selection.doc_scores, out.selection.doc_present[0],
-                          jnp.asarray(labels), ns=(n,), per_sample=True)[f"recall@{n}"]
+      per = selection_recall(out.selection, jnp.asarray(positives), ns=(n,),
+                             per_sample=True)[f"recall@{n}"]
       recalls[n] = np.asarray(per)  # [L, B]
     answers, _ = decoder.generate(
         view, [_answer_prefix_sample(r, tokenizer, align_to) for r in chunk], im_end)
