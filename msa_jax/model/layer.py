@@ -15,6 +15,7 @@ The scanned methods share the signature `(carry, batch, xs) -> (carry, ys)`, so 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -42,6 +43,17 @@ def first_memory_index(sees_memory):
   there in the official packed layout, right after the template head."""
   s = sees_memory.shape[-1]
   return jnp.where(jnp.any(sees_memory, axis=-1), jnp.argmax(sees_memory, axis=-1), s)
+
+
+def _named_scope(name: str):
+  """Runs a method inside `jax.named_scope(name)`, so profiles show the stream it belongs to."""
+  def wrap(fn):
+    @functools.wraps(fn)
+    def scoped(*args, **kwargs):
+      with jax.named_scope(name):
+        return fn(*args, **kwargs)
+    return scoped
+  return wrap
 
 
 @flax.struct.dataclass
@@ -82,6 +94,7 @@ class MSADecoderLayer(nn.Module):
 
   # ------------------------------------------------------------------ the two streams
 
+  @_named_scope("memory_stream")
   def _memory_stream(self, x, memory):
     """(x, the layer's pooled `LayerMemory` (router layers; else None))."""
     h = self.input_norm(x)
@@ -96,6 +109,7 @@ class MSADecoderLayer(nn.Module):
                          memory.chunk_doc, coupled=not self.msa.decouple_router)
     return x, pooled
 
+  @_named_scope("prompt_stream")
   def _prompt_stream(self, x, prompt, layer_memory, route=None
                      ) -> tuple[jax.Array, PromptLayerOutput, Any]:
     """Router layers with a memory route, gather and attend over [selected chunks | prompt];
@@ -108,11 +122,13 @@ class MSADecoderLayer(nn.Module):
     selection = aux = None
     if self.is_router_layer and layer_memory is not None:
       q_r = self.attn.router_projections(h)[0] if self.msa.decouple_router else q
-      if route is None:
-        selection = layer_memory.route(q_r, prompt.route_mask, self.msa)
-      else:
-        selection, aux = route(q_r)
-      mem_k, mem_v, mem_mask = layer_memory.gather(selection)
+      with jax.named_scope("route"):
+        if route is None:
+          selection = layer_memory.route(q_r, prompt.route_mask, self.msa)
+        else:
+          selection, aux = route(q_r)
+      with jax.named_scope("gather"):
+        mem_k, mem_v, mem_mask = layer_memory.gather(selection)
       n = mem_mask.shape[-1]
       first = first_memory_index(prompt.sees_memory)
       k = jnp.concatenate([mem_k.astype(k.dtype), k], axis=1)
@@ -152,6 +168,7 @@ class MSADecoderLayer(nn.Module):
     """Stage 2: the prompt stream over `layer_memory` (None: no memory) -> (x, PromptLayerOutput)."""
     return self._prompt_stream(x, prompt, layer_memory)[:2]
 
+  @_named_scope("decode")
   def decode(self, x, prompt, cache):
     """Stage 3: the prompt's new tokens are written into `cache` (an object with
     `append(k, v, seg) -> (cache, q_idx)`, see `msa_jax.inference.kv_cache`) and attend over it

@@ -144,13 +144,15 @@ class MSAForCausalLM(nn.Module):
     for start, end, is_router in layer_blocks(c.num_layers, self.msa.router_layers):
       if c.scan_layers:
         xs = view.span(start, end) if (view is not None and is_router) else None
-        carry, ys = getattr(self.block[f"{start}_{end}"], method)(carry, batch, xs)
+        with jax.named_scope(f"block_{start}_{end}"):
+          carry, ys = getattr(self.block[f"{start}_{end}"], method)(carry, batch, xs)
         for i in range(start, end):
           per_layer[i] = jax.tree.map(lambda y, j=i - start: y[j], ys)
       else:
         for i in range(start, end):
           xs = view.at(i) if (view is not None and is_router) else None
-          carry, per_layer[i] = getattr(self.layers[i], method)(carry, batch, xs)
+          with jax.named_scope(f"layer_{i}"):
+            carry, per_layer[i] = getattr(self.layers[i], method)(carry, batch, xs)
     return carry, per_layer
 
   def _stack_routers(self, per_layer):
@@ -194,8 +196,9 @@ class MSAForCausalLM(nn.Module):
       raise ValueError("decode_step runs in the per-layer layout (scan_layers=False)")
     x = self._embed(prompt.tokens)
     new = []
-    for layer, cache in zip(self.layers, caches):
-      x, cache = layer.decode(x, prompt, cache)
+    for i, (layer, cache) in enumerate(zip(self.layers, caches)):
+      with jax.named_scope(f"layer_{i}"):
+        x, cache = layer.decode(x, prompt, cache)
       new.append(cache)
     return DecodeOutput(self.final_norm(x), new)
 
