@@ -63,7 +63,8 @@ def retrieval_mode(config: InterleaveConfig) -> str:
   if config.router_only:
     return (f"router-only retrieval (top {config.router_docs} by router score, "
             f"{rounds(config.router_rounds)})")
-  return f"generative retrieval (Memory Interleave, up to {rounds(config.max_rounds)})"
+  ids = ", ids among the routed documents" if config.routed_ids else ""
+  return f"generative retrieval (Memory Interleave, up to {rounds(config.max_rounds)}{ids})"
 
 
 def _describe(label: str, query: Query, row: dict) -> str:

@@ -14,6 +14,7 @@ from absl import app, flags
 from benchmarks import common, forward
 from msa_jax import config as cfglib
 from msa_jax.cli import quiet_library_logs, run
+from msa_jax.kernels.segment_attention import api as attention_api
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "msa-4b"], "Model shape (random weights).")
 _SEQ_LEN_MEM = flags.DEFINE_integer("seq_len_mem", 16384, "Memory tokens per row.")
@@ -30,8 +31,9 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", list(cfglib.DTYPES),
 _MODES = flags.DEFINE_list("modes", list(forward.MODES), "Modes: forward, train.")
 _QUESTION_LEN = flags.DEFINE_integer("question_len", 64, "Route (question) tokens per prompt, at "
                                      "most half of the prompt after the template head.")
-_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "blockwise", ["blockwise", "reference"],
-                                    "Segment attention implementation.")
+_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "blockwise",
+                                    list(attention_api.IMPLEMENTATIONS),
+                                    "Segment attention implementation (auto: by backend).")
 _CE_CHUNK_SIZE = flags.DEFINE_integer("ce_chunk_size", 1024, "LM cross-entropy chunk length.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for weights and tokens.")
 _OUTPUT = flags.DEFINE_string("output", "/tmp/msa_jax_bench/bench_forward.json",

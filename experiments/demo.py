@@ -34,6 +34,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and memories.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question stops.")
 _ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of the ids "
                                  "the model writes (models not trained to write ids).")
+_ROUTED_IDS = flags.DEFINE_bool("routed_ids", False, "Memory Interleave writes one id per round "
+                                 "among the documents the router selected (constrained decoding).")
 _BATCH = flags.DEFINE_integer("batch_size", DemoSettings.batch_size, "Questions per prefill "
                               "(routing over the bank holds a [batch, prompt, chunks] score array: "
                               "mind the memory).")
@@ -55,7 +57,8 @@ def main(argv):
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
                           seed=_SEED.value, max_doc_tokens=_MAX_DOC.value,
                           interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value,
-                                                      router_only=_ROUTER_ONLY.value),
+                                                      router_only=_ROUTER_ONLY.value,
+                                                      routed_ids=_ROUTED_IDS.value),
                           batch_size=_BATCH.value, memory_devices=_DEVICES.value)
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()

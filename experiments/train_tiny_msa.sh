@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# The recorded commands that train the shipped tiny MSA model (models/tiny_msa), in three stages on
+# The recorded commands that train the shipped tiny MSA model (models/tiny_msa), in four stages on
 # one GPU (H200 times):
 #   base    experiments/configs/tiny_msa.json          6,000 steps from scratch (~22 min): router
 #   recall  experiments/configs/tiny_msa_recall.json   1,600 steps from base (~5 min)
-#   answer  experiments/configs/tiny_msa_answer.json   2,000 steps from recall (~6 min): the shipped
-#           model (answer-weighted loss, 70% answer steps, documents of 16-64 tokens)
-# Each stage writes WORKDIR/<stage>/final; a later stage continues from the previous one.
+#   answer  experiments/configs/tiny_msa_answer.json   2,000 steps from recall (~6 min): answer-
+#           weighted loss, 70% answer steps, documents of 16-64 tokens
+#   aligned experiments/configs/tiny_msa_aligned.json  3,843 of its 4,500 steps from answer (~15 min,
+#           sharing the GPU with a second run): the shipped model. Documents in the chunk-aligned
+#           layout (MSAConfig.align_doc_id: the closing [id] starts its own chunk), no weight decay,
+#           LM + answer + 0.2 aux, 50% answer steps, 512-token memories then 2K. The device budget
+#           ended it at step 3,843, so the recorded command pauses there.
+# Each stage writes WORKDIR/<stage>/final (the paused last stage: WORKDIR/aligned/snapshot); a
+# later stage continues from the previous one.
 # Jobs with a time limit add --pause_after_step=N (extra args are passed on) and rerun the same
 # command: a resumed run continues bit-identically.
 #   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run                 # all stages
 #   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run answer          # one stage
-#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval            # evaluate answer/final
+#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval            # evaluate aligned/snapshot
 set -euo pipefail
-WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [base|recall|answer|eval] [train.py flags]}
+WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [base|recall|answer|aligned|eval] [train.py flags]}
 WHAT=${2:-all}
 stage() {  # stage NAME CONFIG [PREVIOUS]
   local init=()
@@ -22,13 +28,15 @@ stage() {  # stage NAME CONFIG [PREVIOUS]
 }
 case "$WHAT" in
   all) stage base tiny_msa.json "" "${@:3}"; stage recall tiny_msa_recall.json base "${@:3}"
-       stage answer tiny_msa_answer.json recall "${@:3}" ;;
+       stage answer tiny_msa_answer.json recall "${@:3}"
+       stage aligned tiny_msa_aligned.json answer --pause_after_step=3843 "${@:3}" ;;
   base) stage base tiny_msa.json "" "${@:3}" ;;
   recall) stage recall tiny_msa_recall.json base "${@:3}" ;;
   answer) stage answer tiny_msa_answer.json recall "${@:3}" ;;
+  aligned) stage aligned tiny_msa_aligned.json answer --pause_after_step=3843 "${@:3}" ;;
   eval)
     for task in fact_lookup multi_hop niah_single; do
-      python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/answer/final" --task=$task \
+      python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/aligned/snapshot" --task=$task \
           --memory_tokens=16384 --num_records="${EVAL_RECORDS:-48}" --seed=1000 --batch_size=16 \
           --max_doc_tokens=64 --out="$WORKDIR/eval_${task}_16k.json"
     done ;;

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from msa_jax import config as cfglib
 from msa_jax.checkpoint import convert
@@ -22,7 +23,7 @@ from msa_jax.checkpoint.errors import CheckpointError
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.data.batch import plain_prompt
 from msa_jax.model.model import MSAForCausalLM
-from msa_jax.model.param_layout import to_model_layout
+from msa_jax.model.param_layout import to_model_layout, unstack_layers
 
 
 @dataclasses.dataclass
@@ -50,15 +51,18 @@ def _plain_logits(model, params, prompt):
 
 
 def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None = None,
-         scan_layers: bool | None = None, score_mode: str | None = None) -> LoadedModel:
+         scan_layers: bool | None = None, score_mode: str | None = None,
+         shardings: Any = None) -> LoadedModel:
   """Loads an msa_jax checkpoint directory, or converts a Hugging Face directory in memory.
 
   Overrides: `compute_dtype` (e.g. "float32" for parity checks), `param_dtype` (cast on load),
   `scan_layers`, and `score_mode` (replacing the router score gating read from the checkpoint).
+  `shardings`: NamedShardings in the model's layout (e.g. `sharding.param_shardings`); each
+  parameter of an msa_jax checkpoint is then read straight onto its devices, so no host holds the
+  whole model (a Hugging Face directory still passes through host memory once).
   """
   if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):
     _, model_cfg, msa_cfg = convert.read_meta(path)
-    params = convert.restore_tree(path)["params"]
   elif os.path.exists(os.path.join(path, "config.json")):
     model_cfg, msa_cfg, params, _, _ = convert.read_hf_params(path, param_dtype=param_dtype)
   else:
@@ -70,8 +74,37 @@ def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None
   if score_mode is not None:
     msa_cfg = msa_cfg.replace(score_mode=score_mode)
   dtype = jnp.dtype(model_cfg.param_dtype)
-  params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
-  params = to_model_layout(params, model_cfg, msa_cfg.router_layers)
+  target = None
+  if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):
+    target = None if shardings is None else _sharded_target(path, shardings, model_cfg.num_layers)
+    params = convert.restore_tree(path, target)["params"]
+  if shardings is None:
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
+    params = to_model_layout(params, model_cfg, msa_cfg.router_layers)
+  elif target is None:  # host arrays (a Hugging Face directory): each leaf sent to its devices
+    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    params = jax.device_put(to_model_layout(params, model_cfg, msa_cfg.router_layers), shardings)
+  else:  # already on the devices: cast and stack (scan_layers) there
+    params = jax.jit(lambda p: to_model_layout(jax.tree.map(lambda x: x.astype(dtype), p),
+                                               model_cfg, msa_cfg.router_layers),
+                     out_shardings=shardings)(params)
   tok_path = os.path.join(path, convert.TOKENIZER_FILE)
   tokenizer = Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else None
   return LoadedModel(model_cfg, msa_cfg, params, tokenizer)
+
+
+def _sharded_target(path: str, shardings, num_layers: int):
+  """The restore target of a checkpoint (stored per layer) for model-layout `shardings`: a scanned
+  block's sharding, less its leading layer axis, serves each of its layers; extras are replicated."""
+  def per_layer(s):
+    return [NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))] * num_layers
+
+  stored = unstack_layers({k: jax.tree.map(per_layer, v) if k.startswith("block_") else v
+                           for k, v in shardings.items()})
+  abstract = convert.abstract_tree(path)
+  replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  target = {k: jax.tree.map(lambda a: with_sharding(a, replicated), v)
+            for k, v in abstract.items() if k != "params"}
+  target["params"] = jax.tree.map(with_sharding, abstract["params"], stored)
+  return target

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face checkpoints written by the tests (plain Qwen3 and MSA format)."""
+"""Tiny random Hugging Face checkpoints written by the tests (plain Qwen3 and MSA format), and the
+transformers side of parity checks. Needs torch: a test module importing this is skipped without it."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 import os
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import save_file  # noqa: E402 (needs torch)
 
 from msa_jax.data.tokenizer import build_byte_tokenizer
 
@@ -18,12 +22,12 @@ TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_
 
 
 def make_qwen3(path: str, *, tied: bool = False, seed: int = 0, dtype=torch.float32,
-               rope_theta: float = 10_000.0, tokenizer: bool = True) -> Qwen3ForCausalLM:
+               rope_theta: float = 10_000.0, tokenizer: bool = True):
   """A random Qwen3ForCausalLM saved to `path` (with a byte tokenizer.json); returns the model."""
   torch.manual_seed(seed)
-  cfg = Qwen3Config(**TINY, tie_word_embeddings=tied,
+  cfg = transformers.Qwen3Config(**TINY, tie_word_embeddings=tied,
                     rope_parameters={"rope_theta": rope_theta, "rope_type": "default"})
-  model = Qwen3ForCausalLM(cfg).eval()
+  model = transformers.Qwen3ForCausalLM(cfg).eval()
   with torch.no_grad():  # non-trivial norm weights, so a swapped or missing norm is caught
     for name, p in model.named_parameters():
       if "norm" in name:
@@ -33,6 +37,28 @@ def make_qwen3(path: str, *, tied: bool = False, seed: int = 0, dtype=torch.floa
   if tokenizer:
     build_byte_tokenizer().save(os.path.join(path, "tokenizer.json"))
   return model
+
+
+def padded_batch(vocab: int, seed: int = 0):
+  """Right-padded token rows of different lengths; mask 1 = real token."""
+  rng = np.random.default_rng(seed)
+  lengths = [11, 7, 3]
+  tokens = np.zeros((len(lengths), max(lengths)), np.int64)
+  mask = np.zeros_like(tokens)
+  for r, n in enumerate(lengths):
+    tokens[r, :n] = rng.integers(0, vocab, n)
+    mask[r, :n] = 1
+  return tokens, mask
+
+
+def torch_logits(model, tokens, mask) -> np.ndarray:
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+  return out.logits.float().numpy()
+
+
+def max_err_on_valid(ours, theirs, mask) -> float:
+  return float(np.abs(np.asarray(ours) - theirs)[mask.astype(bool)].max())
 
 
 MSA_CONFIG = {"router_layer_idx": "2,3", "top_k_docs": 2, "pooling_kernel_size": 4,

@@ -4,6 +4,7 @@ in-memory `MemoryView`'s on the same documents in every tier (device, pinned_hos
 `encode_memory` (scanned and unscanned layers, batch replicated or sharded); and a bank written by
 the encoder and reopened from disk does too."""
 
+import functools
 import os
 
 import flax.linen as nn
@@ -29,6 +30,9 @@ from tests.bank_fixtures import bank_from_encoded
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "models", "tiny_msa", "tokenizer.json")
 DOC_LENGTHS = [5, 30, 3, 9, 1, 14, 7, 2]  # 2 to 8 chunks of P=4; 8 documents on up to 8 shards
 _prefill = jax.jit(entry_points.prefill, static_argnums=0)
+# the in-memory view's reference also keeps every document's score
+_scored_prefill = jax.jit(functools.partial(entry_points.prefill, document_scores=True),
+                          static_argnums=0)
 _encode = jax.jit(entry_points.encode_memory, static_argnums=0)
 
 
@@ -62,7 +66,7 @@ def encoded(setup):
   documents = [list(rng.integers(5, 800, n)) for n in DOC_LENGTHS]
   memory, prompt = _batch(model, documents, rng)
   enc = _encode(model, params, memory, [1, 2, 3])
-  logits, out = _prefill(model, params, prompt, enc.view)
+  logits, out = _scored_prefill(model, params, prompt, enc.view)
   return enc.view, prompt, np.asarray(logits), out
 
 
@@ -120,13 +124,13 @@ def _check_prefill(model, prompt, logits, out, ref_logits, ref_out, num_docs):
   err = float(np.abs(logits - ref_logits)[valid].max())
   assert err < 1e-5, err
   k = min(model.msa.top_k_docs, num_docs)
-  ref = ref_out.selection  # [L_r, B, k'] best first, as the bank's [L_r, B, k]
+  ref_scores = np.asarray(ref_out.doc_scores)  # [L_r, B, C]
   for r in range(len(model.msa.router_layers)):
     for b in range(logits.shape[0]):
-      assert np.asarray(ref.valid[r, b]).sum() == k
+      order = _expected_order(ref_scores[r, b], num_docs, k)
       # cosine scores are bounded by 1: an absolute tolerance at float32 rounding of O(1) terms
       np.testing.assert_allclose(np.asarray(out.selection.scores[r, b, :k]),
-                                 np.asarray(ref.scores[r, b, :k]), rtol=0, atol=1e-6)
+                                 ref_scores[r, b, order], rtol=0, atol=1e-6)
       assert np.asarray(out.selection.valid[r, b]).sum() == k
 
 
@@ -163,7 +167,7 @@ def test_encoded_bank_reopened_from_disk_routes_and_prefills_like_the_memory_vie
   template = np.asarray(tok.encode(pf.TEMPLATE_HEAD), np.int32)
   memory, prompt = _batch(model, wrapped, rng)
   ref = _encode(model, params, memory, template)
-  ref_logits, ref_out = _prefill(model, params, prompt, ref.view)
+  ref_logits, ref_out = _scored_prefill(model, params, prompt, ref.view)
   # the tensorstore tier reads through the bank at load (router keys) and per layer (content)
   logits, out = _prefill_bank(model, params, prompt, bank, make_mesh((4,), ("memory",),
                                                                      jax.devices()[:4]),

@@ -1,5 +1,5 @@
-"""The forward/train benchmark (experiments/bench_forward.py's logic): a tiny end-to-end run writing
-JSON + PNG, OOM handling, and the analytic model-FLOP formula on a hand-computed case."""
+"""The forward/train benchmark (experiments/bench_forward.py's logic): a tiny end-to-end run checked
+against a hand FLOP count, sizes that double, atomic JSON + PNG, OOM handling and refused flags."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import forward as bench
 from msa_jax import config as cfglib
+from tests.bench_fixtures import assert_flags_refused, assert_report_write_is_atomic
 
 
 def test_tiny_benchmark_writes_json_and_chart(tmp_path):
@@ -21,15 +22,23 @@ def test_tiny_benchmark_writes_json_and_chart(tmp_path):
   assert set(report["results"]) == {"forward", "train"}
   assert report["workload"]["num_docs"] == 4 and report["workload"]["tokens_per_step"] == 160
   assert report["num_params"] > 0 and report["jax_version"] and report["date"]
+  # hand count for this workload: 4 documents of 16 tokens, prompt 16 = template head 3 + question
+  # 6 + answer 7; tiny preset E=64, F=128, L=4, H=4, Hkv=2, D=16, V=512, routers 2,3, k=2, P=4
+  layer = 64 * 4 * 16 + 2 * 64 * 2 * 16 + 4 * 16 * 64 + 3 * 64 * 128
+  row = (2 * 64 * (4 * layer + 2 * 64 * 32)            # memory tokens: 4 layers + router_k
+         + 2 * (16 * 4 * layer + 6 * 2 * 64 * 64)       # prompt tokens + router_q on the question
+         + 2 * 16 * 64 * 512                            # LM head
+         + 4 * 136 * 256 * 4                            # 4 docs x 16·17/2 causal pairs x 4·H·D
+         + (136 * 4 + 13 * 8 * 2) * 256                 # prompt pairs + 13 tokens x 8 chunks x 2
+         + 2 * 6 * 16 * 32 * 2)                         # routing: 6 tokens x 16 chunks x 2·Hkv·D
+  hand = {"forward": 2 * row, "train": 3 * 2 * row}     # batch 2; train = 3 x forward
   for mode, r in report["results"].items():
     assert r["status"] == "ok", r
     assert r["tokens_per_s"] > 0
     assert all(math.isfinite(t) and t > 0 for t in [r["compile_s"], r["step_time_s"],
                                                     *r["step_times_s"]])
     assert len(r["step_times_s"]) == 2
-    assert r["model_flops_per_step"] == bench.model_flops(
-        *bench.model_configs(settings), bench.make_workload(settings, cfglib.preset("tiny")[1]),
-        mode)["total"]
+    assert r["model_flops_per_step"] == hand[mode]
     assert math.isfinite(r["loss"])
     if report["platform"] == "cpu":
       assert r["mfu"] is None
@@ -104,3 +113,44 @@ def test_peak_flops_table_and_workload():
     bench.BenchSettings(seq_len_mem=64, doc_len=128)
   with pytest.raises(bench.BenchError, match="modes"):
     bench.BenchSettings(modes=("backward",))
+
+
+def _flops(**changes):
+  base = dict(preset="tiny", seq_len_mem=64, doc_len=16, seq_len_prompt=16, batch=2)
+  settings = bench.BenchSettings(**(base | changes))
+  model, msa = bench.model_configs(settings)
+  return bench.model_flops(model, msa, bench.make_workload(settings, msa), "forward")
+
+
+def test_model_flops_scale_the_right_way_when_a_size_doubles():
+  base = _flops()
+  assert _flops(batch=4) == {k: 2 * v for k, v in base.items()}
+  # twice the documents: the memory stream's work and the routing double, the prompt's does not
+  more_docs = _flops(seq_len_mem=128)
+  for key in ("dense_memory", "attention_memory", "routing"):
+    assert more_docs[key] == 2 * base[key], key
+  for key in ("dense_prompt", "lm_head", "attention_prompt"):
+    assert more_docs[key] == base[key], key
+  # the same memory in documents twice as long: dense work and chunk count stay, causal pairs per
+  # token grow (16·17/2 x 4 -> 32·33/2 x 2), and the top-k documents bring twice the chunks
+  longer_docs = _flops(doc_len=32)
+  for key in ("dense_memory", "dense_prompt", "lm_head", "routing"):
+    assert longer_docs[key] == base[key], key
+  assert longer_docs["attention_memory"] == base["attention_memory"] * (2 * 528) // (4 * 136)
+  assert longer_docs["attention_prompt"] > base["attention_prompt"]
+
+
+def test_report_is_written_atomically(tmp_path, monkeypatch):
+  out = tmp_path / "out" / "bench.json"
+  assert_report_write_is_atomic(bench, monkeypatch, str(out), str(out), str(tmp_path / "out" /
+                                                                            "bench.png"))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (("--seq_len_mem=64", "--doc_len=128"), "doc_len"),
+    (("--modes=backward",), "modes"),
+    (("--batch=0",), "batch must be positive"),
+    (("stray",), "unexpected arguments"),
+])
+def test_bad_flags_are_refused(tmp_path, bad, match):
+  assert_flags_refused("bench_forward.py", "output", str(tmp_path / "r.json"), *bad, match=match)

@@ -5,37 +5,18 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
-import msa_jax
-from msa_jax.checkpoint.convert import hf_to_msa_jax, msa_jax_to_hf
-from tests.hf_fixtures import MSA_CONFIG, make_msa, make_qwen3
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.numpy import load_file  # noqa: E402
+
+import msa_jax  # noqa: E402
+from msa_jax.checkpoint.convert import hf_to_msa_jax, msa_jax_to_hf  # noqa: E402
+from tests.hf_fixtures import (MSA_CONFIG, make_msa, make_qwen3, max_err_on_valid,  # noqa: E402
+                               padded_batch, torch_logits)
 
 ATOL = 1e-4
-
-
-def _padded_batch(vocab: int, seed: int = 0):
-  """Right-padded token rows of different lengths; mask 1 = real token."""
-  rng = np.random.default_rng(seed)
-  lengths = [11, 7, 3]
-  tokens = np.zeros((len(lengths), max(lengths)), np.int64)
-  mask = np.zeros_like(tokens)
-  for r, n in enumerate(lengths):
-    tokens[r, :n] = rng.integers(0, vocab, n)
-    mask[r, :n] = 1
-  return tokens, mask
-
-
-def _torch_logits(model, tokens, mask):
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
-  return out.logits.float().numpy()
-
-
-def _max_err_on_valid(ours, theirs, mask):
-  return float(np.abs(np.asarray(ours) - theirs)[mask.astype(bool)].max())
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -46,10 +27,10 @@ def test_logits_match_transformers(tmp_path, tied, scan_layers):
   hf_to_msa_jax(hf_dir, ck_dir)
   loaded = msa_jax.load(ck_dir, compute_dtype="float32", scan_layers=scan_layers)
   assert loaded.model_config.tie_word_embeddings == tied
-  tokens, mask = _padded_batch(loaded.model_config.vocab_size)
+  tokens, mask = padded_batch(loaded.model_config.vocab_size)
   ours = loaded.logits(tokens, segment_ids=mask)
-  theirs = _torch_logits(hf_model, tokens, mask)
-  err = _max_err_on_valid(ours, theirs, mask)
+  theirs = torch_logits(hf_model, tokens, mask)
+  err = max_err_on_valid(ours, theirs, mask)
   print(f"parity tied={tied} scan={scan_layers}: max |logits - transformers| = {err:.3e}")
   assert err < ATOL
 
@@ -57,9 +38,9 @@ def test_logits_match_transformers(tmp_path, tied, scan_layers):
 def test_load_hf_directory_directly(tmp_path):
   hf_model = make_qwen3(str(tmp_path), seed=3)
   loaded = msa_jax.load(str(tmp_path), compute_dtype="float32")
-  tokens, mask = _padded_batch(loaded.model_config.vocab_size, seed=1)
-  err = _max_err_on_valid(loaded.logits(tokens, segment_ids=mask),
-                          _torch_logits(hf_model, tokens, mask), mask)
+  tokens, mask = padded_batch(loaded.model_config.vocab_size, seed=1)
+  err = max_err_on_valid(loaded.logits(tokens, segment_ids=mask),
+                          torch_logits(hf_model, tokens, mask), mask)
   assert err < ATOL
   assert loaded.tokenizer is not None and loaded.tokenizer.im_start_id >= 0
 
@@ -84,11 +65,11 @@ def test_round_trip_qwen3_is_bit_identical(tmp_path, dtype):
   with open(os.path.join(back, "config.json")) as f:
     assert json.load(f)["model_type"] == "qwen3"
   # compare fresh loads: an in-memory model cast with .to(bf16) also casts its RoPE buffer
-  original = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
-  reloaded = AutoModelForCausalLM.from_pretrained(back, dtype=dtype).eval()
-  tokens, mask = _padded_batch(288, seed=2)
-  np.testing.assert_array_equal(_torch_logits(reloaded, tokens, mask),
-                                _torch_logits(original, tokens, mask))
+  original = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=dtype).eval()
+  tokens, mask = padded_batch(288, seed=2)
+  np.testing.assert_array_equal(torch_logits(reloaded, tokens, mask),
+                                torch_logits(original, tokens, mask))
 
 
 def test_round_trip_sharded_output(tmp_path):
@@ -97,10 +78,10 @@ def test_round_trip_sharded_output(tmp_path):
   hf_to_msa_jax(src, ck)
   msa_jax_to_hf(ck, back, max_shard_bytes=64 * 1024)
   assert os.path.exists(os.path.join(back, "model.safetensors.index.json"))
-  reloaded = Qwen3ForCausalLM.from_pretrained(back).eval()
-  tokens, mask = _padded_batch(288, seed=4)
-  np.testing.assert_array_equal(_torch_logits(reloaded, tokens, mask),
-                                _torch_logits(hf_model, tokens, mask))
+  reloaded = transformers.Qwen3ForCausalLM.from_pretrained(back).eval()
+  tokens, mask = padded_batch(288, seed=4)
+  np.testing.assert_array_equal(torch_logits(reloaded, tokens, mask),
+                                torch_logits(hf_model, tokens, mask))
   # a sharded input converts too, to the same parameters
   ck2 = str(tmp_path / "ck2")
   hf_to_msa_jax(back, ck2)
@@ -140,7 +121,7 @@ def test_msa_checkpoint_keeps_router_weights(tmp_path):
   assert cfg["model_type"] == "msa"
   assert cfg["msa_config"]["router_layer_idx"] == "2,3"
   # the MSA directory still loads in transformers as a Qwen3 (router weights ignored)
-  hf_qwen3 = Qwen3ForCausalLM.from_pretrained(back).eval()
+  hf_qwen3 = transformers.Qwen3ForCausalLM.from_pretrained(back).eval()
   assert hf_qwen3 is not None
 
 

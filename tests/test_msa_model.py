@@ -2,6 +2,7 @@
 Qwen3 (and transformers), gradient routing, no recompilation per bucket."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -52,18 +53,22 @@ def test_encode_then_prefill_reproduces_training_forward(scan, overrides):
                                                method=MSAForCausalLM.prompt_logits))
   logits, out = train(params, memory, prompt)
   encoded = jax.jit(entry_points.encode_memory, static_argnums=0)(model, params, memory, TEMPLATE)
-  p_logits, p_out = jax.jit(entry_points.prefill, static_argnums=0)(model, params, prompt,
-                                                                    encoded.view)
+  p_logits, p_out = jax.jit(functools.partial(entry_points.prefill, document_scores=True),
+                            static_argnums=0)(model, params, prompt, encoded.view)
   valid = _valid(prompt)
   err = float(np.abs(np.asarray(p_logits) - np.asarray(logits))[valid].max())
   print(f"encode+prefill vs training forward ({overrides}, scan={scan}): max |Δlogits| = {err:.2e}")
   assert err < 1e-5
+  cols = out.doc_scores.shape[-1]
+  selected = lambda o: np.asarray(jax.vmap(lambda s: s.mask(cols))(o.selection))  # [L_r, B, C]
+  np.testing.assert_array_equal(selected(p_out), selected(out))
+  np.testing.assert_allclose(p_out.doc_scores, out.doc_scores, atol=1e-6)
+  np.testing.assert_array_equal(p_out.doc_present, out.doc_present)
+  # and in the same order, with the same scores (best first)
   np.testing.assert_array_equal(p_out.selection.doc_index, out.selection.doc_index)
-  np.testing.assert_array_equal(p_out.selection.valid, out.selection.valid)
   np.testing.assert_allclose(p_out.selection.scores, out.selection.scores, atol=1e-6)
   k_eff = np.minimum(model.msa.top_k_docs, [len(d) for d in DOCS])
-  np.testing.assert_array_equal(np.asarray(out.selection.valid).sum(-1),
-                                np.broadcast_to(k_eff, (2, 2)))
+  np.testing.assert_array_equal(selected(out).sum(-1), np.broadcast_to(k_eff, (2, 2)))
   # the template head's KV equals the prompt stream's KV at those positions, in every layer
   kv = jax.jit(lambda p, pr: model.apply({"params": p}, pr, method=MSAForCausalLM.prefill))(
       params, prompt).kv
@@ -104,11 +109,11 @@ def test_prompt_is_invariant_to_document_order_and_padding():
 
 
 def test_empty_memory_equals_backbone_and_transformers(tmp_path):
-  from tests.hf_fixtures import make_qwen3
-  from tests.test_hf_parity import _padded_batch, _torch_logits
+  pytest.importorskip("torch")
+  from tests.hf_fixtures import make_qwen3, padded_batch, torch_logits
   hf_model = make_qwen3(str(tmp_path), seed=4)
   loaded = msa_jax.load(str(tmp_path), compute_dtype="float32")
-  tokens, mask = _padded_batch(loaded.model_config.vocab_size, seed=3)
+  tokens, mask = padded_batch(loaded.model_config.vocab_size, seed=3)
   prompt = plain_prompt(tokens, segment_ids=mask)
   everywhere = jnp.asarray(mask, bool)  # every token routes and sees memory: there is none
   prompt = prompt.replace(route_mask=everywhere, sees_memory=everywhere)
@@ -123,7 +128,7 @@ def test_empty_memory_equals_backbone_and_transformers(tmp_path):
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[valid],
                              np.asarray(loaded.logits(tokens, segment_ids=mask))[valid], atol=1e-6)
-  err = float(np.abs(np.asarray(logits) - _torch_logits(hf_model, tokens, mask))[valid].max())
+  err = float(np.abs(np.asarray(logits) - torch_logits(hf_model, tokens, mask))[valid].max())
   print(f"empty memory vs transformers Qwen3: max |Δlogits| = {err:.2e}")
   assert err < 1e-4
 

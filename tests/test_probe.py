@@ -181,36 +181,34 @@ def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
   gold = np.zeros((len(samples), view.layers.chunk_doc.shape[-1]), bool)
   for b, s in enumerate(samples):
     gold[b, list(s.positive_docs)] = True
-  plain_logits, plain = entry_points.prefill(model, params, prompt, view)
-  forced_logits, forced = entry_points.prefill(model, params, prompt, ForcedView(view, gold))
-  forced, plain = forced.selection, plain.selection  # [L, B, k] best first
+  plain_logits, plain = entry_points.prefill(model, params, prompt, view, document_scores=True)
+  forced_logits, forced = entry_points.prefill(model, params, prompt, ForcedView(view, gold),
+                                               document_scores=True)
   cols = gold.shape[-1]
-  chosen = lambda sel, layer, b: np.array(jax.tree.map(lambda x: x[layer], sel).mask(cols))[b]
+  selected = lambda o: np.asarray(jax.vmap(lambda s: s.mask(cols))(o.selection))  # [L, B, D]
+  # the router's scores of the forced run (after the first router layer they see the forced
+  # documents' output): the selection is their top-k with the gold replacing the lowest pick
+  scores, present = np.asarray(forced.doc_scores), np.asarray(forced.doc_present)
+  np.testing.assert_array_equal(scores[0], np.asarray(plain.doc_scores)[0])
   missed = 0
-  for layer in range(forced.doc_index.shape[0]):
+  for layer in range(scores.shape[0]):
     for b in range(len(samples)):
-      got = chosen(forced, layer, b)
-      slots = np.asarray(view.layers.chunk_doc)[0, b]
-      k = min(model.msa.top_k_docs, len(np.unique(slots[slots > 0])))
-      assert got[gold[b]].all() and got.sum() == k
-      if layer == 0:  # the first router layer scores as the plain run: the gold replaces its
-        want = chosen(plain, 0, b)  # lowest pick
-        if not want[gold[b]].all():
-          missed += 1
-          valid = np.asarray(plain.valid)[0, b]
-          want[np.asarray(plain.doc_index)[0, b][valid][-1]] = False
-          want[gold[b]] = True
-        np.testing.assert_array_equal(got, want)
-        kept = np.asarray(forced.doc_index)[0, b]
-        score = dict(zip(np.asarray(plain.doc_index)[0, b].tolist(),
-                         np.asarray(plain.scores)[0, b].tolist()))
-        for d, s in zip(kept.tolist(), np.asarray(forced.scores)[0, b].tolist()):
-          if d in score:  # the reported scores remain the router's
-            assert s == score[d]
+      s = np.where(present[b], scores[layer, b], -np.inf)
+      k = min(model.msa.top_k_docs, present[b].sum())
+      want = np.zeros_like(present[b])
+      want[np.argsort(-s, kind="stable")[:k]] = True
+      if not want[gold[b]].all():
+        missed += 1
+        want[np.argmin(np.where(want, s, np.inf))] = False
+        want[gold[b]] = True
+      np.testing.assert_array_equal(selected(forced)[layer, b], want)
+      # the reported scores remain the router's
+      index, valid = (np.asarray(x[layer, b]) for x in (forced.selection.doc_index,
+                                                        forced.selection.valid))
+      np.testing.assert_array_equal(np.asarray(forced.selection.scores[layer, b])[valid],
+                                    s[index[valid]])
   assert missed > 0, "the random router found every gold document: nothing was forced"
-  changed = np.array([[(chosen(forced, l, b) != chosen(plain, l, b)).any()
-                       for b in range(len(samples))] for l in range(forced.doc_index.shape[0])]
-                     ).any(axis=0)
+  changed = (selected(forced) != selected(plain)).any(axis=(0, 2))
   valid = np.asarray(prompt.segment_ids) > 0
   diff = np.abs(np.asarray(forced_logits) - np.asarray(plain_logits)).max(axis=-1)
   assert (diff[changed][valid[changed]] > 0).any()  # the forced documents are attended

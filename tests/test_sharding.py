@@ -81,3 +81,50 @@ def test_msa_forward_and_gradient_sharded_equal_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), got_grad, want_grad)
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(got_grad))
+
+
+def _model_shardings(loaded, mesh):
+  from msa_jax.training.model_setup import dummy_batch
+  memory, prompt = dummy_batch(loaded.model_config, loaded.msa_config)
+  return param_shardings(loaded.model, mesh, prompt, memory)
+
+
+@pytest.mark.parametrize("source", ["msa_jax", "hf"])
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_load_places_each_parameter_on_its_sharding(tmp_path, source, scan_layers):
+  import os
+  import msa_jax
+  from msa_jax.checkpoint.random_hf import write_random_hf_checkpoint
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(root, "models", "tiny_msa")
+  if source == "hf":
+    model_cfg, msa_cfg = cfglib.preset("tiny")
+    path = write_random_hf_checkpoint(str(tmp_path / "hf"), model_cfg, msa_cfg)
+  plain = msa_jax.load(path, scan_layers=scan_layers)
+  mesh = make_mesh((2, 2, 2))
+  shardings = _model_shardings(plain, mesh)
+  sharded = msa_jax.load(path, scan_layers=scan_layers, shardings=shardings)
+  assert jax.tree.structure(sharded.params) == jax.tree.structure(plain.params)
+  for got, want, s in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params),
+                          jax.tree.leaves(shardings)):
+    assert got.sharding.is_equivalent_to(s, got.ndim), (got.sharding, s)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  leaves = jax.tree.leaves(sharded.params)
+  on_first_device = sum(x.addressable_shards[0].data.size for x in leaves)
+  assert on_first_device * 2 < sum(x.size for x in leaves)  # no device holds the whole model
+
+
+def test_training_init_from_loads_onto_the_train_shardings():
+  import os
+  import msa_jax
+  from msa_jax.training.model_setup import build_model
+  from msa_jax.training.train_config import ModelSpec
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                      "tiny_msa")
+  built = build_model(ModelSpec(init_from=path), make_mesh((2, 2, 2)), seed=0, vocab_size=None)
+  plain = msa_jax.load(path)
+  for got, want, s in zip(jax.tree.leaves(built.params), jax.tree.leaves(plain.params),
+                          jax.tree.leaves(built.shardings)):
+    assert got.sharding.is_equivalent_to(s, got.ndim)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -18,6 +18,7 @@ import os
 import shutil
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -208,6 +209,20 @@ def restore_tree(ckpt_dir: str, target=None):
       return checkpointer.restore(path, target)
   except Exception as e:  # orbax raises many types for damaged checkpoints
     raise restore_error(path, e) from e
+
+
+def abstract_tree(ckpt_dir: str):
+  """The stored tree as `jax.ShapeDtypeStruct`s, from orbax's metadata (no array is read): the
+  skeleton of a sharded `restore_tree` target."""
+  path = os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      meta = checkpointer.metadata(path)
+  except Exception as e:  # orbax raises many types for damaged checkpoints
+    raise restore_error(path, e) from e
+  tree = getattr(meta, "item_metadata", meta)
+  return {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v)
+          for k, v in tree.items()}
 
 
 def _check_tree(ckpt_dir: str, params, specs) -> None:

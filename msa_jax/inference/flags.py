@@ -25,6 +25,7 @@ class ServingFlags:
   router_only: flags.FlagHolder
   router_rounds: flags.FlagHolder
   router_docs: flags.FlagHolder
+  routed_ids: flags.FlagHolder
   temperature: flags.FlagHolder
   top_p: flags.FlagHolder
   sampling_seed: flags.FlagHolder
@@ -38,7 +39,8 @@ class ServingFlags:
                             answer_tokens=self.answer_tokens.value,
                             router_only=self.router_only.value,
                             router_rounds=self.router_rounds.value,
-                            router_docs=self.router_docs.value)
+                            router_docs=self.router_docs.value,
+                            routed_ids=self.routed_ids.value)
 
   def server_kwargs(self) -> dict:
     """Keyword arguments of `serving.open_server`."""
@@ -67,6 +69,9 @@ def define_serving_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Serving
                                          "Router-only mode: retrieval rounds.", **fv),
       router_docs=flags.DEFINE_integer("router_docs", default.router_docs,
                                        "Router-only mode: documents per round.", **fv),
+      routed_ids=flags.DEFINE_bool("routed_ids", False, "Retrieval rounds write one id among the "
+                                   "documents the router selected (constrained greedy decoding), "
+                                   "or end retrieval.", **fv),
       temperature=flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).", **fv),
       top_p=flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", **fv),
       sampling_seed=flags.DEFINE_integer("sampling_seed", 0, "Sampling seed.", **fv),

@@ -14,6 +14,10 @@ A question ends when it answers, when it has asked for documents in `max_rounds`
 (`round_cap`), when a round runs out of tokens without ending (`no_stop`), or when its context would
 pass `max_context_tokens` (`context_full`).
 
+With `routed_ids` a retrieval round writes one id among the documents its prefill selected in any
+router layer, or `<End-of-Retrieve>`, by the model's greedy logits under that constraint
+(`routed_ids.py` says why); documents already injected for the question are not offered again.
+
 Router-only mode is for models not trained to write ids: the driver writes each round itself with
 the documents the router scored highest (the largest score any router layer gave, documents already
 injected skipped), then asks for the answer after `router_rounds` rounds.
@@ -30,8 +34,11 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data import transcript
 from msa_jax.data.tokenizer import ENDOFTEXT, IM_END, OBJECT_REF_END
 from msa_jax.inference.requests import Generation, Request
+from msa_jax.inference.routed_ids import AllowedFn
 
 GenerateFn = Callable[[list[Request]], list[Generation]]
+# (requests, per request the allowed token sequences for its routing) -> generations
+RetrieveFn = Callable[[list[Request], list[AllowedFn]], list[Generation]]
 
 
 class DocumentStore(Protocol):
@@ -69,7 +76,8 @@ class InterleaveConfig:
   """max_rounds: retrieval rounds before a question that keeps asking is stopped; round_tokens /
   answer_tokens: new tokens allowed per retrieval round / for the answer; max_context_tokens: the
   longest request (context + new tokens) the model takes (None: no limit); router_only: the driver
-  picks `router_docs` documents per round by router score for `router_rounds` rounds."""
+  picks `router_docs` documents per round by router score for `router_rounds` rounds; routed_ids:
+  retrieval rounds choose one id among the routed documents (needs the driver's `retrieve_fn`)."""
 
   max_rounds: int = 8
   round_tokens: int = 64
@@ -78,11 +86,15 @@ class InterleaveConfig:
   router_only: bool = False
   router_rounds: int = 1
   router_docs: int = 1
+  routed_ids: bool = False
 
   def __post_init__(self):
     for name in ("max_rounds", "round_tokens", "answer_tokens", "router_rounds", "router_docs"):
       if getattr(self, name) < 1:
         raise ValueError(f"InterleaveConfig.{name} must be at least 1, got {getattr(self, name)}")
+    if self.routed_ids and self.router_only:
+      raise ValueError("InterleaveConfig: routed_ids and router_only are two different retrieval "
+                       "modes; choose one")
     if self.max_context_tokens is not None and self.max_context_tokens < 1:
       raise ValueError(f"InterleaveConfig.max_context_tokens must be positive, got "
                        f"{self.max_context_tokens}")
@@ -157,9 +169,14 @@ class InterleaveDriver:
   (decoding keeps special tokens)."""
 
   def __init__(self, generate_fn: GenerateFn, tokenizer, documents: DocumentStore,
-               config: InterleaveConfig = InterleaveConfig()):
+               config: InterleaveConfig = InterleaveConfig(),
+               retrieve_fn: RetrieveFn | None = None):
+    if config.routed_ids and retrieve_fn is None:
+      raise ValueError("InterleaveConfig.routed_ids needs a retrieve_fn (e.g. "
+                       "MemoryServer.driver's)")
     self.generate_fn, self.tokenizer, self.documents, self.config = (
         generate_fn, tokenizer, documents, config)
+    self.retrieve_fn = retrieve_fn
     self.ref_end = tokenizer.token_id(OBJECT_REF_END)
     self.eos = {tokenizer.token_id(IM_END)}
     try:
@@ -194,9 +211,10 @@ class InterleaveDriver:
 
   # -- one round -----------------------------------------------------------------------------------
 
-  def _routing(self, generation: Generation) -> list[LayerTrace]:
+  def _routing(self, routing) -> list[LayerTrace]:
+    """A prefill's per-layer routing (`LayerRouting`s) in display ids."""
     out = []
-    for lr in generation.routing:
+    for lr in routing:
       rows = np.asarray(lr.doc_index).reshape(-1)
       scores = np.asarray(lr.scores, np.float64).reshape(-1)
       keep = rows >= 0
@@ -234,7 +252,7 @@ class InterleaveDriver:
   def _advance(self, q: _Question, g: Generation) -> None:
     tokens = [int(t) for t in g.tokens]
     text = self.tokenizer.decode(tokens)
-    routing = self._routing(g)
+    routing = self._routing(g.routing)
     number = len(q.trace)
     if q.answer_prefix is not None:
       q.trace.append(RoundTrace(number, "answer", tokens, text, [], [], [], routing))
@@ -262,6 +280,34 @@ class InterleaveDriver:
     else:
       q.trace.append(RoundTrace(number, "retrieve", tokens, text, ids, unknown, [], routing))
       self._finish(q, "", "no_stop")
+
+  def _allowed(self, q: _Question):
+    """The routed-ids constraint of `q`'s next round: `[i]<|object_ref_end|>` for each document a
+    router layer selected and not yet injected, or `<End-of-Retrieve>`."""
+    injected = {i for _, entries in q.rounds for i, _ in entries}
+
+    def allowed(routing) -> list[list[int]]:
+      ids = {d for layer in self._routing(routing) for d in layer.doc_ids}
+      return [list(self.end_of_retrieve)] + [list(self.tokenizer.encode(pf.round_ids([d])))
+                                             for d in sorted(ids - injected)]
+    return allowed
+
+  def _generate(self, active: list[_Question], requests: list[Request]) -> list[Generation]:
+    """One generation per request: retrieval rounds through `retrieve_fn` under `routed_ids`."""
+    if not self.config.routed_ids:
+      return self.generate_fn(requests)
+    rounds = [j for j, q in enumerate(active) if q.answer_prefix is None]
+    answers = [j for j, q in enumerate(active) if q.answer_prefix is not None]
+    out: list[Generation | None] = [None] * len(requests)
+    if rounds:
+      gens = self.retrieve_fn([requests[j] for j in rounds],
+                              [self._allowed(active[j]) for j in rounds])
+      for j, g in zip(rounds, gens):
+        out[j] = g
+    if answers:
+      for j, g in zip(answers, self.generate_fn([requests[j] for j in answers])):
+        out[j] = g
+    return out
 
   def _router_round(self, q: _Question, routing: list[LayerTrace], number: int) -> None:
     best: dict[int, float] = {}
@@ -310,7 +356,7 @@ class InterleaveDriver:
           active.remove(q)
       if not active:
         break
-      generations = self.generate_fn(requests)
+      generations = self._generate(active, requests)
       if len(generations) != len(requests):
         raise RuntimeError(f"generate_fn returned {len(generations)} generations for "
                            f"{len(requests)} requests")

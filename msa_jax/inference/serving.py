@@ -17,6 +17,7 @@ from msa_jax.inference.engine import Engine
 from msa_jax.inference.interleave import (DocumentStore, InMemoryDocuments, InterleaveConfig,
                                           InterleaveDriver)
 from msa_jax.inference.requests import SamplingConfig
+from msa_jax.inference.routed_ids import generate_routed
 from msa_jax.memory import open_bank
 from msa_jax.memory.bank_view import open_view
 from msa_jax.memory.routing import MEMORY_AXIS
@@ -45,10 +46,15 @@ class MemoryServer:
     padding = [requests[-1]] * ((-n) % size if self.fixed_batch else 0)
     return self.engine.generate(list(requests) + padding, self.sampling)[:n]
 
+  def retrieve(self, requests, allowed):
+    """Retrieval rounds under `InterleaveConfig.routed_ids` (`routed_ids.generate_routed`)."""
+    return generate_routed(self.engine, requests, allowed)
+
   def driver(self, config: InterleaveConfig = InterleaveConfig()) -> InterleaveDriver:
     if config.max_context_tokens is None:
       config = dataclasses.replace(config, max_context_tokens=self.engine.max_prompt_len)
-    return InterleaveDriver(self.generate, self.loaded.tokenizer, self.bank, config)
+    return InterleaveDriver(self.generate, self.loaded.tokenizer, self.bank, config,
+                            retrieve_fn=self.retrieve)
 
 
 def open_server(loaded: LoadedModel, bank_path: str, *, tier: str = "auto", max_batch: int = 16,

@@ -27,7 +27,9 @@ def encode_memory(model: MSAForCausalLM, params, memory: MemoryBatch, template_t
   return model.apply({"params": params}, memory, template_tokens, method=MSAForCausalLM.encode)
 
 
-def prefill(model: MSAForCausalLM, params, prompt: PromptBatch, view
-            ) -> tuple[object, PrefillOutput]:
-  """(logits [B, S_q, V], PrefillOutput) of the prompt stream routed over `view`."""
-  return model.apply({"params": params}, prompt, view, method=MSAForCausalLM.prefill_logits)
+def prefill(model: MSAForCausalLM, params, prompt: PromptBatch, view, *,
+            document_scores: bool = False) -> tuple[object, PrefillOutput]:
+  """(logits [B, S_q, V], PrefillOutput) of the prompt stream routed over `view`;
+  `document_scores` (static under jit) keeps every document's score (`MSAForCausalLM.prefill`)."""
+  return model.apply({"params": params}, prompt, view, document_scores,
+                     method=MSAForCausalLM.prefill_logits)

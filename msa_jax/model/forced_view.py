@@ -34,8 +34,12 @@ class ForcedLayerMemory:
   memory: LayerMemory
   forced: jax.Array
 
+  def score_documents(self, q_r, route_mask, cfg: MSAConfig) -> router.DocumentScores:
+    """The router's scores, which forcing leaves as they are."""
+    return self.memory.score_documents(q_r, route_mask, cfg)
+
   def route(self, q_r, route_mask, cfg: MSAConfig) -> router.Selection:
-    return force_selection(self.memory.score_documents(q_r, route_mask, cfg), self.forced,
+    return force_selection(self.score_documents(q_r, route_mask, cfg), self.forced,
                            cfg.top_k_docs)
 
   def gather(self, selection: router.Selection):

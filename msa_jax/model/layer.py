@@ -168,6 +168,17 @@ class MSADecoderLayer(nn.Module):
     """Stage 2: the prompt stream over `layer_memory` (None: no memory) -> (x, PromptLayerOutput)."""
     return self._prompt_stream(x, prompt, layer_memory)[:2]
 
+  def scored_prefill(self, x, prompt, layer_memory=None):
+    """`prefill` that also keeps every document's score, `layer_memory.score_documents` (views
+    holding every document's keys: the in-memory ones) -> (x, (PromptLayerOutput,
+    `router.DocumentScores` or None)). The selection is still the view's `route`."""
+    def route(q_r):
+      return (layer_memory.route(q_r, prompt.route_mask, self.msa),
+              layer_memory.score_documents(q_r, prompt.route_mask, self.msa))
+
+    x, out, doc = self._prompt_stream(x, prompt, layer_memory, route)
+    return x, (out, doc)
+
   @_named_scope("decode")
   def decode(self, x, prompt, cache):
     """Stage 3: the prompt's new tokens are written into `cache` (an object with

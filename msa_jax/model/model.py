@@ -26,7 +26,8 @@ from msa_jax.model.layer import MSADecoderLayer
 from msa_jax.model.layers import RMSNorm, dtype_of
 from msa_jax.model.memory_view import MemoryView
 
-_SCANNED_METHODS = ["__call__", "encode", "prefill"]  # the layer methods a scanned block runs
+# the layer methods a scanned block runs
+_SCANNED_METHODS = ["__call__", "encode", "prefill", "scored_prefill"]
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute everything
@@ -77,11 +78,14 @@ class EncodedMemory:
 class PrefillOutput:
   """Stage 2. hidden [B,S_q,E] final-normed; `selection`: the view's `router.Selection` per router
   layer, best first, stacked to [L_r, B, k] (None without a view or router layers); `kv[i] = (k, v, seg, idx)`:
-  every key layer i's prompt attended (gathered chunks, then the prompt), to seed a decode cache."""
+  every key layer i's prompt attended (gathered chunks, then the prompt), to seed a decode cache;
+  with `document_scores`, doc_scores [L_r,B,C] / doc_present [B,C] as the training forward's."""
 
   hidden: jax.Array
   selection: Any
   kv: list
+  doc_scores: jax.Array | None = None
+  doc_present: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -98,7 +102,7 @@ class MSAForCausalLM(nn.Module):
 
   config: ModelConfig
   msa: MSAConfig
-  attention_impl: str = "blockwise"
+  attention_impl: str = "auto"  # segment_attention.api: by backend, blockwise on CPU
 
   def setup(self):
     c = self.config
@@ -181,13 +185,22 @@ class MSAForCausalLM(nn.Module):
     _, per_layer = self._run_layers("prefill", self._embed(template.tokens), template)
     return EncodedMemory(view, [per_layer[i].kv[:2] for i in range(self.config.num_layers)])
 
-  def prefill(self, prompt, view=None) -> PrefillOutput:
+  def prefill(self, prompt, view=None, document_scores: bool = False) -> PrefillOutput:
     """Stage 2: the prompt stream routed over `view` (an encoded `MemoryView`, a bank's view, any
-    object with the route/gather protocol; None: no memory, router layers attend to the prompt)."""
-    x, per_layer = self._run_layers("prefill", self._embed(prompt.tokens), prompt, view)
+    object with the route/gather protocol; None: no memory, router layers attend to the prompt).
+    `document_scores` also keeps every document's score (views with `score_documents`: the
+    in-memory ones), for comparisons with the training forward."""
+    method = "scored_prefill" if document_scores else "prefill"
+    x, per_layer = self._run_layers(method, self._embed(prompt.tokens), prompt, view)
+    doc = None
+    if document_scores:
+      doc = self._stack_routers({i: per_layer[i][1] for i in per_layer})
+      per_layer = {i: per_layer[i][0] for i in per_layer}
     selection = self._stack_routers({i: per_layer[i].selection for i in per_layer})
     return PrefillOutput(self.final_norm(x), selection,
-                         [per_layer[i].kv for i in range(self.config.num_layers)])
+                         [per_layer[i].kv for i in range(self.config.num_layers)],
+                         doc_scores=None if doc is None else doc.scores,
+                         doc_present=None if doc is None else doc.present[0])
 
   def decode_step(self, prompt, caches) -> DecodeOutput:
     """Stage 3: appends the prompt's tokens to `caches` (one `kv_cache.LayerCache` per layer, from a
@@ -208,9 +221,9 @@ class MSAForCausalLM(nn.Module):
     out = self(prompt, memory)
     return self.logits(out.hidden), out
 
-  def prefill_logits(self, prompt, view=None):
+  def prefill_logits(self, prompt, view=None, document_scores: bool = False):
     """(logits [B, S_q, V], PrefillOutput) of `prefill`."""
-    out = self.prefill(prompt, view)
+    out = self.prefill(prompt, view, document_scores)
     return self.logits(out.hidden), out
 
   def lm_kernel(self):

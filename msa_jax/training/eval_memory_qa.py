@@ -31,7 +31,7 @@ from msa_jax.data.transcript import num_steps, record_step_sample, restatement
 from msa_jax.jsonl_log import JsonlLog
 from msa_jax.model import entry_points
 from msa_jax.model.model import MSAForCausalLM
-from msa_jax.training.losses import selection_recall
+from msa_jax.training.losses import router_recall
 
 RECALL_AT = (1, 5, 16)
 
@@ -74,6 +74,12 @@ class _Decoder:
     head = self.tokenizer.encode(pf.TEMPLATE_HEAD)
     return jax.jit(entry_points.encode_memory, static_argnums=0)(
         self.model, self.params, memory, jnp.asarray(head, jnp.int32)).view
+
+  def document_scores(self, samples: Sequence[Sample]):
+    """The training forward's every-document router scores of `samples`: ([L, B, D], [B, D])."""
+    memory, prompt = self._batch(samples)
+    out = jax.jit(entry_points.forward, static_argnums=0)(self.model, self.params, memory, prompt)
+    return out.doc_scores, out.doc_present
 
   def generate(self, view, samples: Sequence[Sample], stop_id: int):
     """Greedy continuations (lists of ids, stop token included) and the first prefill's output."""
@@ -121,15 +127,16 @@ def evaluate(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Seque
     retrieve = [dataclasses.replace(record_step_sample(r, 0, tokenizer, align_to=align_to),
                                     answer=[], answer_target=[]) for r in chunk]
     view = decoder.encode(retrieve)
-    written, out = decoder.generate(view, retrieve, ref_end)
-    d = view.layers.chunk_doc.shape[-1]
-    positives = np.zeros((len(chunk), d), bool)
+    written, _ = decoder.generate(view, retrieve, ref_end)
+    # recall@n ranks every document (n may exceed the k a selection holds)
+    doc_scores, doc_present = decoder.document_scores(retrieve)
+    labels = np.zeros((len(chunk), doc_scores.shape[-1]), np.int32)
     for b, s in enumerate(retrieve):
-      positives[b, list(s.positive_docs)] = True
+      labels[b, list(s.positive_docs)] = 1
     recalls = {}
     for n in RECALL_AT:
-      per = selection_recall(out.selection, jnp.asarray(positives), ns=(n,),
-                             per_sample=True)[f"recall@{n}"]
+      per = router_recall(doc_scores, doc_present, jnp.asarray(labels), ns=(n,),
+                          per_sample=True)[f"recall@{n}"]
       recalls[n] = np.asarray(per)  # [L, B]
     answers, _ = decoder.generate(
         view, [_answer_prefix_sample(r, tokenizer, align_to) for r in chunk], im_end)

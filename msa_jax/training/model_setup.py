@@ -8,7 +8,6 @@ import os
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from msa_jax import config as cfglib
 from msa_jax.api import load
@@ -64,8 +63,8 @@ def model_configs(spec: ModelSpec, vocab_size: int | None):
 
 def build_model(spec: ModelSpec, mesh, *, seed: int, vocab_size: int | None,
                 init: bool = True) -> BuiltModel:
-  """The model of `spec` with its parameters placed on `mesh` by logical axis rules (a checkpoint's
-  weights pass through host memory once). `init=False` skips creating parameters (a resumed run
+  """The model of `spec` with its parameters placed on `mesh` by logical axis rules (an msa_jax
+  checkpoint's weights are read straight onto their shardings). `init=False` skips creating parameters (a resumed run
   restores them from its checkpoint)."""
   model_cfg, msa_cfg = model_configs(spec, vocab_size)
   model = MSAForCausalLM(model_cfg, msa_cfg)
@@ -75,9 +74,8 @@ def build_model(spec: ModelSpec, mesh, *, seed: int, vocab_size: int | None,
   abstract = nn.unbox(boxed)
   params = None
   if init and spec.init_from:
-    loaded = load(spec.init_from, scan_layers=model_cfg.scan_layers,
-                  param_dtype=model_cfg.param_dtype)
-    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), loaded.params, shardings)
+    params = load(spec.init_from, scan_layers=model_cfg.scan_layers,
+                  param_dtype=model_cfg.param_dtype, shardings=shardings).params
   elif init:
     make = jax.jit(lambda key: nn.unbox(model.init(key, prompt, memory))["params"],
                    out_shardings=shardings)

@@ -14,11 +14,10 @@ TPU head_dim not a multiple of 128, or chunk slots per shard not a multiple of 1
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 
 from msa_jax.config import MSAConfig
+from msa_jax.kernels import registry
 from msa_jax.kernels.routing import pallas_gpu, pallas_tpu, reference
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
@@ -29,12 +28,7 @@ _warned: set[tuple[str, str]] = set()
 
 def resolve(implementation: str) -> str:
   """The implementation `implementation` names on this backend ("auto" picks one)."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown routing implementation {implementation!r}; choose from "
-                     f"{IMPLEMENTATIONS}")
-  if implementation == "auto":
-    return _BY_BACKEND.get(jax.default_backend(), "reference")
-  return implementation
+  return registry.resolve("routing", implementation, IMPLEMENTATIONS, _BY_BACKEND, "reference")
 
 
 def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cfg: MSAConfig,
@@ -49,8 +43,5 @@ def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cf
     if why is None:
       return kernel.top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs, cfg, k,
                                     interpret=interpret)
-    if (name, why) not in _warned:
-      _warned.add((name, why))
-      warnings.warn(f"routing: {name} cannot run this call ({why}); using the reference",
-                    stacklevel=2)
+    registry.warn_fallback(_warned, "routing", name, why, "the reference")
   return reference.top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs, cfg, k)
