@@ -65,6 +65,10 @@ class MemoryView:
     r0, r1 = self.router_layers.index(start), self.router_layers.index(end - 1) + 1
     return jax.tree.map(lambda x: x[r0:r1], self.layers)
 
+  def row(self, b: int) -> "MemoryView":
+    """The encoded memory of row b alone (a one-row view, as the engine serves)."""
+    return jax.tree.map(lambda x: x[:, b:b + 1], self)
+
   def for_batch(self, batch: int) -> "MemoryView":
     """An encoded memory of one row, shared by every request of a `batch`-row prefill."""
     return jax.tree.map(lambda x: jnp.broadcast_to(x, x.shape[:1] + (batch,) + x.shape[2:]), self)
