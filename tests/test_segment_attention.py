@@ -97,6 +97,29 @@ def test_tiles_no_query_can_see_are_skipped():
   np.testing.assert_array_equal(needed, np.eye(8, dtype=bool))  # one document per tile
 
 
+def test_needed_tiles_are_those_some_row_needs():
+  """Rows whose document boundaries fall in different places: a tile is needed exactly when some
+  row has a visible (query, key) pair in it (numpy oracle from the dense mask), not whenever the
+  rows' segment ranges, merged over the batch, overlap."""
+  s, block = 64, 8
+  rng = np.random.default_rng(3)
+  bounds = []
+  for _ in range(3):
+    cuts = np.sort(rng.choice(np.arange(1, s), size=9, replace=False))
+    edges = [0, *cuts.tolist(), s]
+    bounds.append([(a, b, i + 1) for i, (a, b) in enumerate(zip(edges, edges[1:]))])
+  seg, idx = _docs(3, s, bounds)
+  mask = np.asarray(reference.segment_mask(seg, idx, seg, idx))  # [B, Sq, Skv]
+  n = s // block
+  want = mask.reshape(3, n, block, n, block).any(axis=(0, 2, 4))
+  needed = np.asarray(blockwise._needed_tiles(*map(jnp.asarray, (seg, idx, seg, idx)), block,
+                                              block))
+  np.testing.assert_array_equal(needed, want)
+  q, k, v = _inputs(rng, b=3, sq=s, skv=s)
+  np.testing.assert_allclose(blockwise.segment_attention(q, k, v, seg, idx, seg, idx, block, block),
+                             reference.segment_attention(q, k, v, seg, idx, seg, idx), atol=2e-6)
+
+
 def test_unknown_implementation_is_named():
   with pytest.raises(ValueError, match="unknown segment attention implementation 'pallas'"):
     api.segment_attention(*([None] * 7), implementation="pallas")
