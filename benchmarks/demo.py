@@ -19,12 +19,13 @@ import tempfile
 import time
 from typing import Callable
 
+from msa_jax import evaluation
 from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.api import LoadedModel
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.synthetic import memory_pool
 from msa_jax.data.transcript import document_length_fn
-from msa_jax.inference import qa_eval, serving
+from msa_jax.inference import serving
 from msa_jax.inference.interleave import InterleaveConfig
 from msa_jax.inference.queries import Query
 from msa_jax.memory.corpus import Document
@@ -87,8 +88,8 @@ def _ask(server: serving.MemoryServer, queries: list[Query], settings: DemoSetti
          log: Callable[[str], None]) -> dict:
   """Answers `queries` over the server's memory, logs each, and returns the scores and time."""
   start = time.perf_counter()
-  result = qa_eval.evaluate(server.driver(settings.interleave), queries,
-                            batch_size=len(queries), log=None)
+  result = evaluation.evaluate_interleave(server.driver(settings.interleave), queries,
+                                         batch_size=len(queries), log=None)
   for q, row in zip(queries, result["records"]):
     log(_describe(label, q, row))
   return {"answer_s": time.perf_counter() - start, **result}

@@ -23,10 +23,10 @@ from absl import app, flags
 import msa_jax
 from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
+from msa_jax.evaluation import evaluate_interleave
 from msa_jax.inference.flags import define_serving_flags
 from msa_jax.inference.judge import Judge, JudgeError
 from msa_jax.inference.metrics import format_table
-from msa_jax.inference.qa_eval import evaluate
 from msa_jax.inference.queries import check_against_memory, read_queries
 from msa_jax.inference.serving import open_server
 from msa_jax.jsonl_log import JsonlLog
@@ -95,8 +95,8 @@ def main(argv):
   for name in _FILES if _OVERWRITE.value else ():
     if os.path.exists(os.path.join(_OUT.value, name)):
       os.remove(os.path.join(_OUT.value, name))
-  result = evaluate(server.driver(config), queries, batch_size=_BATCH.value, judge=judge,
-                    generations=generations, judgements=judgements)
+  result = evaluate_interleave(server.driver(config), queries, batch_size=_BATCH.value,
+                               judge=judge, generations=generations, judgements=judgements)
   table = format_table(result["summary"])
   print(table)
   result["settings"] = {**settings, "judge_model": _JUDGE_MODEL.value}

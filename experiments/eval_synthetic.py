@@ -1,5 +1,6 @@
-"""Evaluates a trained model on held-out synthetic memory QA: router recall@n per router layer,
-generative-retrieval accuracy and answer exact match given the retrieved text.
+"""Evaluates a trained model on held-out synthetic memory QA (`evaluation.evaluate_records`): router
+recall@n per router layer, the first round's written ids (retrieval metrics) and the answer given
+the retrieved text (exact match, token F1).
 
   python experiments/eval_synthetic.py --checkpoint=models/tiny_msa --task=fact_lookup \
       --memory_tokens=65536 --num_records=100 --seed=1000 --out=/tmp/eval.json
@@ -19,8 +20,9 @@ from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
 from msa_jax.data.synthetic import TASKS, generate
 from msa_jax.data.transcript import document_length_fn
+from msa_jax.evaluation import EvalShapes, evaluate_records
+from msa_jax.inference.metrics import format_table
 from msa_jax.jsonl_log import JsonlLog
-from msa_jax.training.eval_memory_qa import EvalShapes, evaluate, format_summary
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trained msa_jax checkpoint.", required=True)
 _TASK = flags.DEFINE_string("task", "fact_lookup", "Synthetic task.")
@@ -62,10 +64,10 @@ def main(argv):
     rate = done / (time.perf_counter() - start)
     print(f"{done}/{total} questions, {rate:.2f}/s, ETA {(total - done) / rate:.0f}s", flush=True)
 
-  result = evaluate(loaded.model, loaded.params, tokenizer, records, shapes,
-                    batch_size=_BATCH.value, progress=progress, record_log=record_log)
+  result = evaluate_records(loaded.model, loaded.params, tokenizer, records, shapes,
+                            batch_size=_BATCH.value, progress=progress, record_log=record_log)
   result["settings"] = settings
-  print(format_summary(result["summary"]))
+  print(format_table(result["summary"]))
   if _OUT.value:
     atomic_write_text(_OUT.value, json.dumps(result, indent=1))
     os.remove(record_log.path)

@@ -17,8 +17,9 @@ from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
 from msa_jax.data.records import RecordError
 from msa_jax.inference.flags import define_serving_flags
-from msa_jax.inference.greedy import greedy_generate
+from msa_jax.inference.engine import Engine
 from msa_jax.inference.queries import read_queries
+from msa_jax.inference.requests import Request
 from msa_jax.inference.serving import open_server
 from msa_jax.text_files import utf8_lines
 
@@ -53,9 +54,12 @@ def _questions() -> list[str]:
 
 
 def _plain(loaded) -> None:
+  """Greedy continuation of --prompt by the backbone (no memory), through the engine."""
   prompt_ids = loaded.tokenizer.encode(_PROMPT.value)
-  new_ids = greedy_generate(loaded, prompt_ids, _MAX_NEW_TOKENS.value,
-                            stop_ids=(loaded.tokenizer.im_end_id,))
+  engine = Engine(loaded.model, loaded.params, backbone=True, max_batch=1)
+  request = Request(prompt_ids, [False] * len(prompt_ids), _MAX_NEW_TOKENS.value,
+                    stop_ids=(loaded.tokenizer.im_end_id,))
+  new_ids = engine.generate([request])[0].tokens
   print(f"prompt ids: {prompt_ids}")
   print(f"generated ids: {new_ids}")
   print(f"generated text: {loaded.tokenizer.decode(new_ids)!r}")

@@ -4,6 +4,7 @@ in-memory `MemoryView`'s on the same documents in every tier (device, pinned_hos
 `encode_memory` (scanned and unscanned layers, batch replicated or sharded); and a bank written by
 the encoder and reopened from disk does too."""
 
+import functools
 import os
 
 import flax.linen as nn
@@ -17,9 +18,9 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.memory import open_bank, routing, tiers
-from msa_jax.memory.bank_view import BankSelection, open_view
+from msa_jax.memory.bank_view import open_view
 from msa_jax.memory.encode import encode_corpus
-from msa_jax.model import entry_points
+from msa_jax.model import entry_points, router
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import stack_layers
 from msa_jax.sharding import make_mesh
@@ -29,6 +30,9 @@ from tests.bank_fixtures import bank_from_encoded
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "models", "tiny_msa", "tokenizer.json")
 DOC_LENGTHS = [5, 30, 3, 9, 1, 14, 7, 2]  # 2 to 8 chunks of P=4; 8 documents on up to 8 shards
 _prefill = jax.jit(entry_points.prefill, static_argnums=0)
+# the in-memory view's reference also keeps every document's score
+_scored_prefill = jax.jit(functools.partial(entry_points.prefill, document_scores=True),
+                          static_argnums=0)
 _encode = jax.jit(entry_points.encode_memory, static_argnums=0)
 
 
@@ -62,7 +66,7 @@ def encoded(setup):
   documents = [list(rng.integers(5, 800, n)) for n in DOC_LENGTHS]
   memory, prompt = _batch(model, documents, rng)
   enc = _encode(model, params, memory, [1, 2, 3])
-  logits, out = _prefill(model, params, prompt, enc.view)
+  logits, out = _scored_prefill(model, params, prompt, enc.view)
   return enc.view, prompt, np.asarray(logits), out
 
 
@@ -87,16 +91,16 @@ def test_layer_route_and_gather_equal_the_memory_view(setup, encoded, tier):
   for layer in model.msa.router_layers:
     ref_layer = view.at(layer)
     ref = ref_layer.route(q_r, mask, model.msa)
+    ref_scores = np.asarray(ref_layer.score_documents(q_r, mask, model.msa).scores)
     bank.rows_read = 0
     got, (gk, gv, gmask) = jax.jit(lambda q, m, lm: (lambda s: (s, lm.gather(s)))(
         lm.route(q, m, model.msa)))(q_r, mask, bank_view.at(layer))
-    assert isinstance(got, BankSelection)
+    assert isinstance(got, router.Selection)  # the one selection type of every view
     rk, rv, rmask = ref_layer.gather(ref)
-    ref_scores = np.asarray(ref.doc_scores)
     for b in range(2):
       order = _expected_order(ref_scores[b], bank.num_docs, k)
       np.testing.assert_array_equal(np.asarray(got.doc_index[b]), order)
-      np.testing.assert_allclose(np.asarray(got.doc_scores[b]), ref_scores[b, order], rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(got.scores[b]), ref_scores[b, order], rtol=1e-6)
       # the gathered chunks are exactly the selected documents' chunks (bit for bit)
       for g, r in ((gk, rk), (gv, rv)):
         rows = np.asarray(g[b])[np.asarray(gmask[b])].reshape(-1, 32)
@@ -125,9 +129,9 @@ def _check_prefill(model, prompt, logits, out, ref_logits, ref_out, num_docs):
     for b in range(logits.shape[0]):
       order = _expected_order(ref_scores[r, b], num_docs, k)
       # cosine scores are bounded by 1: an absolute tolerance at float32 rounding of O(1) terms
-      np.testing.assert_allclose(np.asarray(out.doc_scores[r, b, :k]), ref_scores[r, b, order],
-                                 rtol=0, atol=1e-6)
-      assert np.asarray(out.doc_selected[r, b]).sum() == k
+      np.testing.assert_allclose(np.asarray(out.selection.scores[r, b, :k]),
+                                 ref_scores[r, b, order], rtol=0, atol=1e-6)
+      assert np.asarray(out.selection.valid[r, b]).sum() == k
 
 
 def test_prefill_over_a_bank_equals_the_memory_view(setup, encoded):
@@ -140,8 +144,8 @@ def test_prefill_over_a_bank_equals_the_memory_view(setup, encoded):
     _check_prefill(model, prompt, *per_tier[tier], ref_logits, ref_out, bank.num_docs)
   # the tiers give identical results (their gathers are exact copies of the same rows)
   np.testing.assert_array_equal(per_tier["tensorstore"][0], per_tier["device"][0])
-  np.testing.assert_array_equal(per_tier["tensorstore"][1].doc_scores,
-                                per_tier["device"][1].doc_scores)
+  np.testing.assert_array_equal(per_tier["tensorstore"][1].selection.scores,
+                                per_tier["device"][1].selection.scores)
   # pinned_host, scanned layers (the view's `span`), the batch sharded over `data`
   scanned = model.clone(config=model.config.replace(scan_layers=True))
   stacked = stack_layers(params, model.config.num_layers, model.msa.router_layers)
@@ -163,7 +167,7 @@ def test_encoded_bank_reopened_from_disk_routes_and_prefills_like_the_memory_vie
   template = np.asarray(tok.encode(pf.TEMPLATE_HEAD), np.int32)
   memory, prompt = _batch(model, wrapped, rng)
   ref = _encode(model, params, memory, template)
-  ref_logits, ref_out = _prefill(model, params, prompt, ref.view)
+  ref_logits, ref_out = _scored_prefill(model, params, prompt, ref.view)
   # the tensorstore tier reads through the bank at load (router keys) and per layer (content)
   logits, out = _prefill_bank(model, params, prompt, bank, make_mesh((4,), ("memory",),
                                                                      jax.devices()[:4]),

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from msa_jax import config as cfglib
+from msa_jax.data.batch import plain_prompt
 from msa_jax.data.batch_builder import Sample, build_batch
 from msa_jax.inference import sampling
 from msa_jax.inference.engine import Engine, EngineError, _routing
 from msa_jax.inference.requests import Request, SamplingConfig
 from msa_jax.memory.bank_view import open_view
-from msa_jax.model import entry_points
+from msa_jax.model import entry_points, router
 from msa_jax.kernels.segment_attention import blockwise
 from msa_jax.model.memory_view import MemoryView
 from msa_jax.model.model import MSAForCausalLM
@@ -82,7 +83,8 @@ def test_greedy_tokens_equal_training_forward_argmax_and_routing(setup):
     np.testing.assert_array_equal(predicted, g.tokens)
     for j, routing in enumerate(g.routing):
       assert routing.layer == model.msa.router_layers[j]
-      chosen = np.flatnonzero(np.asarray(out.doc_selected)[j, b])
+      chosen = np.asarray(out.selection.doc_index)[j, b][np.asarray(out.selection.valid)[j, b]]
+      chosen = np.sort(chosen)
       assert sorted(routing.doc_index.tolist()) == chosen.tolist() and len(chosen) == 2
       scores = np.asarray(out.doc_scores)[j, b]
       np.testing.assert_allclose(routing.scores, scores[routing.doc_index], atol=1e-6)
@@ -166,6 +168,25 @@ def test_a_bank_view_on_four_memory_shards_generates_the_same(setup):
       np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
+def test_backbone_engine_equals_greedy_by_full_forward(setup):
+  """Without memory the engine serves the Qwen3 backbone: plain prompts at positions 0..n-1. The
+  oracle re-runs the whole plain forward (no cache, no memory) for every token."""
+  model, params, _ = setup
+  engine = Engine(model, params, backbone=True, max_batch=2)
+  prompts = [[7, 8, 9, 10], [20, 21], [30, 31, 32, 33, 34, 35]]
+  gens = engine.generate([Request(p, [False] * len(p), max_new_tokens=6) for p in prompts])
+  forward = jax.jit(lambda p, tokens: model.apply({"params": p}, plain_prompt(tokens),
+                                                  method=MSAForCausalLM.prompt_logits)[0])
+  for p, g in zip(prompts, gens):
+    ids = list(p)
+    for _ in range(6):
+      ids.append(int(np.argmax(np.asarray(forward(params, jnp.asarray([ids])))[0, -1])))
+    assert g.tokens == ids[len(p):] and not g.stopped
+    assert g.routing == []  # nothing routed
+  with pytest.raises(EngineError, match="takes no view"):
+    Engine(model, params, setup[2].view, backbone=True)
+
+
 def test_stop_ids_and_max_new_tokens(setup):
   _, _, engine = setup
   free = engine.generate([REQUESTS[2]])[0].tokens
@@ -213,15 +234,9 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
 
 
 def test_bank_style_selection_reports_its_global_indices():
-  @dataclasses.dataclass
-  class BankSelection:
-    doc_index: np.ndarray
-    doc_scores: np.ndarray
-    doc_selected: np.ndarray
-
-  sel = BankSelection(np.array([[907, 12, 0]]), np.array([[0.9, 0.5, -1e30]]),
-                      np.array([[True, True, False]]))
-  (routing,), = _routing([sel], (5,), 1)
+  sel = router.Selection(np.array([[[907, 12, -1]]]), np.array([[[0.9, 0.5, -np.inf]]]),
+                         np.array([[[True, True, False]]]))  # [L_r=1, B=1, k=3]
+  (routing,), = _routing(sel, (5,), 1)
   assert routing.layer == 5 and routing.doc_index.tolist() == [907, 12]
   np.testing.assert_allclose(routing.scores, [0.9, 0.5])
 
@@ -234,7 +249,8 @@ def test_bad_inputs_give_clear_errors(setup):
       (dataclasses.replace(ok, route_mask=ok.route_mask[:-1]), "route_mask has"),
       (dataclasses.replace(ok, route_mask=[False] * len(ok.tokens)), "selects no token"),
       (dataclasses.replace(ok, tokens=HEAD, route_mask=[True] * 3), "template head"),
-      (dataclasses.replace(ok, tokens=list(ok.tokens[:-1]) + [10**6]), "outside the vocabulary"),
+      (dataclasses.replace(ok, tokens=list(ok.tokens[:-1]) + [10**6]),
+       rf"tokens contains 1000000, outside \[0, {model.config.vocab_size}\)"),
       (dataclasses.replace(ok, max_new_tokens=0), "max_new_tokens"),
       (dataclasses.replace(ok, max_new_tokens=5000), "max_position_embeddings"),
   ]

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
+from msa_jax import evaluation
 from msa_jax.data.records import RecordError
 from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
 from msa_jax.inference import judge as judgelib
-from msa_jax.inference import metrics, qa_eval, queries
+from msa_jax.inference import metrics, queries
 from msa_jax.inference.interleave import InMemoryDocuments, InterleaveDriver
 from msa_jax.jsonl_log import JsonlLog
 from tests.interleave_fixtures import ScriptedModel
@@ -225,7 +226,7 @@ def test_evaluate_scores_each_answer_and_asks_the_judge():
     return judgelib.Verdict(5 if prediction == reference else None, "reply")
 
   logs = []
-  out = qa_eval.evaluate(driver, qs, batch_size=1, judge=judge, log=logs.append)
+  out = evaluation.evaluate_interleave(driver, qs, batch_size=1, judge=judge, log=logs.append)
   first, second = out["records"]
   # [2][7] vs gold {2, 0}: P = 1/2, R = 1/2; "in Paris" vs "Paris": F1 = 2/3
   assert first["prediction"] == "Bill Watts" and first["exact_match"] == 1.0
@@ -241,7 +242,7 @@ def test_evaluate_scores_each_answer_and_asks_the_judge():
   assert summary["all"]["judge_unparsed"] == 1 and summary["multi"]["n"] == 1
   assert len(logs) == 2 and logs[-1].startswith("2/2 questions")
   with pytest.raises(ValueError, match="no queries"):
-    qa_eval.evaluate(driver, [])
+    evaluation.evaluate_interleave(driver, [])
 
 
 def _scripted_driver(calls):
@@ -274,12 +275,13 @@ def test_evaluation_survives_a_kill_and_a_failing_judge(tmp_path):
     raise judgelib.JudgeError("judge endpoint https://j/chat/completions unreachable: refused")
 
   with pytest.raises(KeyboardInterrupt):  # killed in its second batch
-    qa_eval.evaluate(_scripted_driver(calls), qs, batch_size=2, judge=down,
-                     generations=generations, judgements=judgements)
+    evaluation.evaluate_interleave(_scripted_driver(calls), qs, batch_size=2, judge=down,
+                                   generations=generations, judgements=judgements)
   assert [r["index"] for r in generations.read()] == [0, 1]  # the first batch was kept
   logs, calls = [], []
-  out = qa_eval.evaluate(_scripted_driver(calls), qs, batch_size=2, judge=down,
-                         generations=generations, judgements=judgements, log=logs.append)
+  out = evaluation.evaluate_interleave(_scripted_driver(calls), qs, batch_size=2, judge=down,
+                                       generations=generations, judgements=judgements,
+                                       log=logs.append)
   assert calls == [["Q2", "Q3"], ["Q4"]] and logs[0].startswith("resuming: 2 of 5 questions")
   assert [r["prediction"] for r in out["records"]] == ["A0", "A1", "A2", "A3", "A4"]
   assert asked == ["Q0", "Q1", "Q2"]  # then the judge is taken as down
@@ -294,13 +296,13 @@ def test_evaluation_survives_a_kill_and_a_failing_judge(tmp_path):
     return judgelib.Verdict(5, "5")
 
   calls = []
-  out = qa_eval.evaluate(_scripted_driver(calls), qs, batch_size=2, judge=up,
-                         generations=generations, judgements=judgements)
+  out = evaluation.evaluate_interleave(_scripted_driver(calls), qs, batch_size=2, judge=up,
+                                       generations=generations, judgements=judgements)
   assert calls == [] and asked == ["Q0", "Q1", "Q2", "Q3", "Q4"]  # only the judge ran again
   assert [r["judge_score"] for r in out["records"]] == [5] * 5
   assert out["summary"]["all"]["judge_failed"] == 0 and out["summary"]["all"]["judge_score"] == 5
-  out = qa_eval.evaluate(_scripted_driver(calls), qs, judge=up, generations=generations,
-                         judgements=judgements)
+  out = evaluation.evaluate_interleave(_scripted_driver(calls), qs, judge=up,
+                                       generations=generations, judgements=judgements)
   assert calls == [] and len(asked) == 5  # nothing left to do
   with pytest.raises(ValueError, match="record 0 is not one of these queries"):
-    qa_eval.evaluate(_scripted_driver(calls), qs[1:], generations=generations)
+    evaluation.evaluate_interleave(_scripted_driver(calls), qs[1:], generations=generations)

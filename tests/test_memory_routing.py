@@ -27,11 +27,13 @@ def _single_device(q_r, mask, keys, offsets, cfg, coupled):
   """`router.route` over every chunk of the bank, each request seeing all of it: the truth."""
   b = q_r.shape[0]
   chunk_doc = np.repeat(np.arange(1, offsets.size), np.diff(offsets)).astype(np.int32)
-  sel = router.route(jnp.asarray(q_r), jnp.asarray(mask), jnp.broadcast_to(keys, (b,) + keys.shape),
-                     jnp.broadcast_to(chunk_doc, (b, chunk_doc.size)), cfg, coupled_scale=coupled)
+  args = (jnp.asarray(q_r), jnp.asarray(mask), jnp.broadcast_to(keys, (b,) + keys.shape),
+          jnp.broadcast_to(chunk_doc, (b, chunk_doc.size)), cfg)
+  doc = router.score_documents(*args, coupled_scale=coupled)
+  sel = router.route(*args, coupled_scale=coupled)
   n = offsets.size - 1  # router.route has a column per chunk slot; documents are the first n
-  assert not np.asarray(sel.doc_present)[:, n:].any()
-  return np.asarray(sel.doc_scores)[:, :n], np.asarray(sel.doc_selected)[:, :n]
+  assert not np.asarray(doc.present)[:, n:].any()
+  return np.asarray(doc.scores)[:, :n], np.asarray(sel.mask(chunk_doc.size))[:, :n]
 
 
 def _sharded(q_r, mask, keys, offsets, cfg, coupled, mesh, batch_axis, implementation="auto"):

@@ -148,3 +148,19 @@ def test_bf16_compute_with_bf16_and_f32_params():
     # bf16 has ~3 significant digits: a sanity bound on the error, relative to the logit scale
     scale = float(jnp.abs(reference).max())
     assert float(jnp.abs(logits.astype(jnp.float32) - reference).max()) < 0.05 * scale
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_profiles_name_layers_blocks_and_streams(scan):
+  """`jax.named_scope` per layer (or scanned block) and per stream/step reaches the lowered program."""
+  from tests.msa_fixtures import make_batch, random_samples
+  model_cfg, msa_cfg = cfglib.preset("tiny")
+  samples = random_samples(np.random.default_rng(0), [[5, 9, 3], [12, 4]])
+  memory, prompt = make_batch(samples, msa_cfg)
+  model = MSAForCausalLM(model_cfg.replace(scan_layers=scan), msa_cfg)
+  params = jax.eval_shape(model.init, jax.random.key(0), prompt, memory)
+  text = jax.jit(lambda p: model.apply(p, prompt, memory).hidden).lower(params).as_text(
+      debug_info=True)
+  first = "block_0_2" if scan else "layer_0"
+  for name in (first, "memory_stream", "prompt_stream", "route", "gather"):
+    assert name in text, name

@@ -2,6 +2,7 @@
 Qwen3 (and transformers), gradient routing, no recompilation per bucket."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -52,20 +53,26 @@ def test_encode_then_prefill_reproduces_training_forward(scan, overrides):
                                                method=MSAForCausalLM.prompt_logits))
   logits, out = train(params, memory, prompt)
   encoded = jax.jit(entry_points.encode_memory, static_argnums=0)(model, params, memory, TEMPLATE)
-  p_logits, p_out = jax.jit(entry_points.prefill, static_argnums=0)(model, params, prompt,
-                                                                    encoded.view)
+  p_logits, p_out = jax.jit(functools.partial(entry_points.prefill, document_scores=True),
+                            static_argnums=0)(model, params, prompt, encoded.view)
   valid = _valid(prompt)
   err = float(np.abs(np.asarray(p_logits) - np.asarray(logits))[valid].max())
   print(f"encode+prefill vs training forward ({overrides}, scan={scan}): max |Δlogits| = {err:.2e}")
   assert err < 1e-5
-  np.testing.assert_array_equal(p_out.doc_selected, out.doc_selected)
+  cols = out.doc_scores.shape[-1]
+  selected = lambda o: np.asarray(jax.vmap(lambda s: s.mask(cols))(o.selection))  # [L_r, B, C]
+  np.testing.assert_array_equal(selected(p_out), selected(out))
   np.testing.assert_allclose(p_out.doc_scores, out.doc_scores, atol=1e-6)
+  np.testing.assert_array_equal(p_out.doc_present, out.doc_present)
+  # and in the same order, with the same scores (best first)
+  np.testing.assert_array_equal(p_out.selection.doc_index, out.selection.doc_index)
+  np.testing.assert_allclose(p_out.selection.scores, out.selection.scores, atol=1e-6)
   k_eff = np.minimum(model.msa.top_k_docs, [len(d) for d in DOCS])
-  np.testing.assert_array_equal(np.asarray(out.doc_selected).sum(-1), np.broadcast_to(k_eff, (2, 2)))
+  np.testing.assert_array_equal(selected(out).sum(-1), np.broadcast_to(k_eff, (2, 2)))
   # the template head's KV equals the prompt stream's KV at those positions, in every layer
-  kv = jax.jit(lambda p, pr: model.clone(collect=("prompt_kv",)).apply({"params": p}, pr))(
-      params, prompt).extras["prompt_kv"]
-  for (tk, tv), (pk, pv) in zip(encoded.template_kv, kv):
+  kv = jax.jit(lambda p, pr: model.apply({"params": p}, pr, method=MSAForCausalLM.prefill))(
+      params, prompt).kv
+  for (tk, tv), (pk, pv, _, _) in zip(encoded.template_kv, kv):
     np.testing.assert_allclose(tk[0], pk[0, :3], atol=1e-6)
     np.testing.assert_allclose(tv[0], pv[0, :3], atol=1e-6)
 
@@ -91,7 +98,8 @@ def test_prompt_is_invariant_to_document_order_and_padding():
   np.testing.assert_allclose(shuffled[valid], base[valid], atol=1e-5)
   for b, s in enumerate(permuted):  # the same documents are selected, wherever they sit
     picked = lambda o, samp: {tuple(samp.documents[d]) for d in
-                              np.flatnonzero(np.asarray(o.doc_selected)[-1, b])}
+                              np.asarray(o.selection.doc_index)[-1, b]
+                              [np.asarray(o.selection.valid)[-1, b]]}
     assert picked(out_p, s) == picked(out, samples[b])
   padded, _, _ = _hidden(model, params, samples, seq_len_mem=80, seq_len_prompt=24, max_docs=9)
   np.testing.assert_allclose(padded[:, :16][valid], base[valid], atol=1e-5)
@@ -116,7 +124,7 @@ def test_empty_memory_equals_backbone_and_transformers(tmp_path):
   logits, out = jax.jit(lambda p, m, pr: model.apply({"params": p}, pr, m,
                                                      method=MSAForCausalLM.prompt_logits))(
       loaded.params, memory, prompt)
-  assert not np.asarray(out.doc_selected).any()
+  assert not np.asarray(out.selection.valid).any()
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[valid],
                              np.asarray(loaded.logits(tokens, segment_ids=mask))[valid], atol=1e-6)

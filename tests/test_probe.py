@@ -19,7 +19,8 @@ from msa_jax.data.batch_builder import build_batch
 from msa_jax.data.synthetic import generate, world_tokenizer
 from msa_jax.data.transcript import num_steps, record_step_sample
 from msa_jax.model import entry_points
-from msa_jax.model.forced_view import ForcedView
+from msa_jax.model import router
+from msa_jax.model.forced_view import ForcedView, force_selection
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import stack_layers
 from msa_jax.training import probe as P
@@ -180,8 +181,11 @@ def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
   gold = np.zeros((len(samples), view.layers.chunk_doc.shape[-1]), bool)
   for b, s in enumerate(samples):
     gold[b, list(s.positive_docs)] = True
-  plain_logits, plain = entry_points.prefill(model, params, prompt, view)
-  forced_logits, forced = entry_points.prefill(model, params, prompt, ForcedView(view, gold))
+  plain_logits, plain = entry_points.prefill(model, params, prompt, view, document_scores=True)
+  forced_logits, forced = entry_points.prefill(model, params, prompt, ForcedView(view, gold),
+                                               document_scores=True)
+  cols = gold.shape[-1]
+  selected = lambda o: np.asarray(jax.vmap(lambda s: s.mask(cols))(o.selection))  # [L, B, D]
   # the router's scores of the forced run (after the first router layer they see the forced
   # documents' output): the selection is their top-k with the gold replacing the lowest pick
   scores, present = np.asarray(forced.doc_scores), np.asarray(forced.doc_present)
@@ -197,9 +201,14 @@ def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
         missed += 1
         want[np.argmin(np.where(want, s, np.inf))] = False
         want[gold[b]] = True
-      np.testing.assert_array_equal(np.asarray(forced.doc_selected)[layer, b], want)
+      np.testing.assert_array_equal(selected(forced)[layer, b], want)
+      # the reported scores remain the router's
+      index, valid = (np.asarray(x[layer, b]) for x in (forced.selection.doc_index,
+                                                        forced.selection.valid))
+      np.testing.assert_array_equal(np.asarray(forced.selection.scores[layer, b])[valid],
+                                    s[index[valid]])
   assert missed > 0, "the random router found every gold document: nothing was forced"
-  changed = np.asarray(forced.doc_selected != plain.doc_selected).any(axis=(0, 2))
+  changed = (selected(forced) != selected(plain)).any(axis=(0, 2))
   valid = np.asarray(prompt.segment_ids) > 0
   diff = np.abs(np.asarray(forced_logits) - np.asarray(plain_logits)).max(axis=-1)
   assert (diff[changed][valid[changed]] > 0).any()  # the forced documents are attended
@@ -228,3 +237,32 @@ def test_tool_writes_json_and_fails_clearly_without_a_model(tmp_path):
   assert run.returncode == 1
   assert run.stderr.strip().splitlines()[-1] == f"probe: no model directory at {missing}"
   assert "Traceback" not in run.stderr and not (tmp_path / "bad.json").exists()
+
+
+def test_force_selection_ranks_the_forced_documents_into_the_top_k():
+  """The oracle: the top-k by the router's scores, the lowest pick replaced by a missing forced
+  document; the selection lists forced documents first and reports the router's scores."""
+  rng = np.random.default_rng(3)
+  scores = rng.standard_normal((64, 7)).astype(np.float32)
+  present = rng.random((64, 7)) < 0.8
+  forced = np.zeros((64, 7), bool)
+  forced[np.arange(64), rng.integers(0, 7, 64)] = True
+  forced &= present
+  sel = force_selection(router.DocumentScores(jax.numpy.asarray(np.where(present, scores, -np.inf)),
+                                              jax.numpy.asarray(present)), forced, 3)
+  mask = np.asarray(sel.mask(7))
+  missed = 0
+  for b in range(64):
+    s = np.where(present[b], scores[b], -np.inf)
+    k = min(3, present[b].sum())
+    want = np.zeros(7, bool)
+    want[np.argsort(-s, kind="stable")[:k]] = True
+    if not want[forced[b]].all():
+      missed += 1
+      want[np.argmin(np.where(want, s, np.inf))] = False
+      want[forced[b]] = True
+    np.testing.assert_array_equal(mask[b], want)
+    index, valid = np.asarray(sel.doc_index[b]), np.asarray(sel.valid[b])
+    assert forced[b][index[valid]].tolist() == sorted(forced[b][index[valid]], reverse=True)
+    np.testing.assert_array_equal(np.asarray(sel.scores[b])[valid], s[index[valid]])
+  assert missed > 0

@@ -64,28 +64,34 @@ def test_routing_matches_per_head_oracle(head, query, chunk, mode):
   k_tok = rng.standard_normal((b, s_mem, 2, 16)).astype(np.float32)
   q_r = rng.standard_normal((b, s_q, 4, 16)).astype(np.float32)
   k_pool = chunk_mean(jnp.asarray(k_tok), memory.chunk_ids, memory.chunk_len)
-  sel = router.route(jnp.asarray(q_r), prompt.route_mask, k_pool, memory.chunk_doc, cfg)
+  args = (jnp.asarray(q_r), prompt.route_mask, k_pool, memory.chunk_doc, cfg)
+  doc, sel = router.score_documents(*args), router.route(*args)
   cols = memory.chunk_doc.shape[-1]
   want = _oracle(q_r, np.asarray(prompt.route_mask), k_tok, np.asarray(memory.segment_ids), cfg,
                  cols)
-  got = np.asarray(sel.doc_scores)
+  got = np.asarray(doc.scores)
   present = np.isfinite(want)
-  np.testing.assert_array_equal(np.asarray(sel.doc_present), present)
+  np.testing.assert_array_equal(np.asarray(doc.present), present)
   np.testing.assert_allclose(got[present], want[present], rtol=1e-5, atol=1e-5)
   assert np.all(np.isneginf(got[~present]))
   for row in range(b):  # hard top-k with k_eff = min(k, documents present)
     n_docs = int(present[row].sum())
     top = set(np.argsort(-np.where(present[row], want[row], -np.inf))[:min(cfg.top_k_docs, n_docs)])
-    assert set(np.flatnonzero(np.asarray(sel.doc_selected)[row])) == top
+    assert set(np.flatnonzero(np.asarray(sel.mask(cols))[row])) == top
 
 
 def test_top_k_with_fewer_documents_than_k():
   scores = jnp.array([[0.3, -jnp.inf, -jnp.inf, -jnp.inf], [0.1, 0.5, 0.2, -jnp.inf]])
   present = jnp.isfinite(scores)
-  chosen = np.asarray(router.select_top_k(scores, present, 3))
+  doc = router.DocumentScores(scores, present)
+  chosen = np.asarray(router.select_top_k(doc, 3).mask(4))
   np.testing.assert_array_equal(chosen, [[1, 0, 0, 0], [1, 1, 1, 0]])
-  chosen = np.asarray(router.select_top_k(scores, present, 2))
-  np.testing.assert_array_equal(chosen, [[1, 0, 0, 0], [0, 1, 1, 0]])
+  top = router.select_top_k(doc, 2)
+  np.testing.assert_array_equal(np.asarray(top.mask(4)), [[1, 0, 0, 0], [0, 1, 1, 0]])
+  # best first, -1 / -inf / invalid past the documents present
+  np.testing.assert_array_equal(np.asarray(top.doc_index), [[0, -1], [1, 2]])
+  np.testing.assert_array_equal(np.asarray(top.valid), [[True, False], [True, True]])
+  assert np.isneginf(np.asarray(top.scores)[0, 1])
 
 
 def test_chunk_mean_is_float32_over_true_lengths():

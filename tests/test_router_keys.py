@@ -71,7 +71,7 @@ def test_a_view_over_int8_keys_routes_like_the_reference():
   want, col, _ = reference.top_k_documents(router.prepare_queries(q_r, cfg), mask, *prepared,
                                            chunk_doc, len(counts), cfg, cfg.top_k_docs)
   np.testing.assert_array_equal(got.doc_index, col)
-  np.testing.assert_allclose(got.doc_scores, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got.scores, want, rtol=1e-6, atol=1e-6)
 
 
 def test_compare_counts_selections_sets_and_order():

@@ -26,9 +26,9 @@ import pytest
 import msa_jax
 from msa_jax.data.synthetic import generate
 from msa_jax.data.transcript import document_length_fn
+from msa_jax.evaluation import EvalShapes, evaluate_records, parse_answer, parse_ids
 from msa_jax.jsonl_log import JsonlLog
 from msa_jax.training.data_setup import SyntheticRecords
-from msa_jax.training.eval_memory_qa import EvalShapes, evaluate, parse_answer, parse_ids
 from msa_jax.training.model_setup import model_configs
 from msa_jax.training.probe import probe
 from msa_jax.training.train_config import config_from_dict, config_to_dict, load_train_config
@@ -97,7 +97,7 @@ def test_evaluation_killed_midway_resumes_from_its_log(tmp_path):
                       length_fn=document_length_fn(tok, align_to), align_to=align_to)
              for i in range(2)]
   shapes = EvalShapes(seq_len_mem=512, max_docs=32, seq_len_prompt=256, max_new_tokens=4)
-  run = lambda **kw: evaluate(loaded.model, loaded.params, tok, records, shapes, **kw)
+  run = lambda **kw: evaluate_records(loaded.model, loaded.params, tok, records, shapes, **kw)
   want = run()
   log = JsonlLog(str(tmp_path / "progress.jsonl"), {"seed": 1000})
 

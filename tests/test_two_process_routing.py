@@ -39,9 +39,10 @@ def test_two_processes_route_and_gather_like_one(tmp_path):
   keys, offsets = bank.arrays["router_keys"][0], bank.doc_chunk_offsets
   chunk_doc = np.repeat(np.arange(1, offsets.size), np.diff(offsets)).astype(np.int32)
   b, n, k = q_r.shape[0], bank.num_docs, case.CFG.top_k_docs
-  ref = router.route(jnp.asarray(q_r), jnp.asarray(mask), jnp.broadcast_to(keys, (b,) + keys.shape),
-                     jnp.broadcast_to(chunk_doc, (b, chunk_doc.size)), case.CFG)
-  ref_scores = np.asarray(ref.doc_scores)[:, :n]
+  ref = router.score_documents(jnp.asarray(q_r), jnp.asarray(mask),
+                               jnp.broadcast_to(keys, (b,) + keys.shape),
+                               jnp.broadcast_to(chunk_doc, (b, chunk_doc.size)), case.CFG)
+  ref_scores = np.asarray(ref.scores)[:, :n]
   content = bank.arrays["content_k"][0]
   for layout in ("replicated", "sharded"):
     for field in ("scores", "index", "k", "mask"):  # both processes see the same global result

@@ -38,7 +38,7 @@ def main(process_id: int, port: int, out_dir: str) -> None:
     layer = view.at(0)
     sel, (k, v, m) = jax.jit(lambda q, mk, lm: (lambda s: (s, lm.gather(s)))(
         lm.route(q, mk, case.CFG)))(place(q_r), place(mask), layer)
-    for field, x in (("scores", sel.doc_scores), ("index", sel.doc_index), ("k", k), ("mask", m)):
+    for field, x in (("scores", sel.scores), ("index", sel.doc_index), ("k", k), ("mask", m)):
       results[f"{name}_{field}"] = np.asarray(multihost_utils.process_allgather(x, tiled=True))
   np.savez(f"{out_dir}/process_{process_id}.npz", **results)
   jax.distributed.shutdown()

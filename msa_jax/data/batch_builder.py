@@ -76,18 +76,23 @@ class _Row:
   positives: np.ndarray
 
 
-def _ids(index: int, what: str, ids, limit: int) -> np.ndarray:
-  """`ids` as a flat int32 array; rejects non-integers and ids outside [0, limit)."""
+def as_token_ids(ids, what: str, limit: int, error: type[ValueError] = BatchError) -> np.ndarray:
+  """`ids` as a flat int32 array; raises `error` for non-integers and ids outside [0, limit).
+  `what` names them in the message (e.g. "sample 3: answer", "request 0: tokens")."""
   arr = np.asarray(ids)
   if arr.size == 0:
     arr = arr.astype(np.int64)  # np.asarray([]) is float64
   if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-    raise BatchError(f"sample {index}: {what} must be a flat sequence of integer ids, got "
-                     f"shape {arr.shape} dtype {arr.dtype}")
+    raise error(f"{what} must be a flat sequence of integer ids, got shape {arr.shape} dtype "
+                f"{arr.dtype}")
   bad = arr[(arr < 0) | (arr >= limit)]
   if bad.size:
-    raise BatchError(f"sample {index}: {what} contains {int(bad[0])}, outside [0, {limit})")
+    raise error(f"{what} contains {int(bad[0])}, outside [0, {limit})")
   return arr.astype(np.int32)
+
+
+def _ids(index: int, what: str, ids, limit: int) -> np.ndarray:
+  return as_token_ids(ids, f"sample {index}: {what}", limit)
 
 
 def _flags(index: int, what: str, flags, length: int, length_of: str,
@@ -178,20 +183,36 @@ def _fill_memory_row(out: dict[str, np.ndarray], b: int, documents: list[np.ndar
     start, slot = end, slot + n_chunks
 
 
-def _fill_prompt_row(out: dict[str, np.ndarray], b: int, row: _Row, question_position: int) -> None:
-  """Head at 0..T-1 and memory-blind; the rest from `question_position` on, seeing memory. A
-  target token's label and masks sit one position before it (shifted, as the labels are)."""
-  seq = np.concatenate([row.head, row.question, row.tail, row.context, row.answer])
-  n, head = seq.size, row.head.size
-  answer_start = n - row.answer.size
-  context_start = answer_start - row.context.size
+def _prompt_sequence(row: _Row) -> tuple[np.ndarray, np.ndarray]:
+  """The prompt's tokens in order, [head][question][tail][context][answer], and its route mask
+  (the question, and the context tokens `context_route` marks)."""
+  route = np.concatenate([np.zeros(row.head.size, bool), np.ones(row.question.size, bool),
+                          np.zeros(row.tail.size, bool), row.context_route,
+                          np.zeros(row.answer.size, bool)])
+  return np.concatenate([row.head, row.question, row.tail, row.context, row.answer]), route
+
+
+def _lay_out_prompt(out: dict[str, np.ndarray], b: int, seq: np.ndarray, route: np.ndarray,
+                    head: int, question_position: int) -> None:
+  """Row b holds `seq`: its first `head` tokens (the template head) memory-blind at positions
+  0..head-1, the rest from `question_position` on, seeing memory; `route` marks the route tokens."""
+  n = seq.size
   out["tokens"][b, :n] = seq
   out["segment_ids"][b, :n] = 1
   out["positions"][b, :head] = np.arange(head)
   out["positions"][b, head:n] = question_position + np.arange(n - head)
-  out["route_mask"][b, head:head + row.question.size] = True
-  out["route_mask"][b, context_start:answer_start] = row.context_route
+  out["route_mask"][b, :n] = route
   out["sees_memory"][b, head:n] = True
+
+
+def _fill_prompt_row(out: dict[str, np.ndarray], b: int, row: _Row, question_position: int) -> None:
+  """Head at 0..T-1 and memory-blind; the rest from `question_position` on, seeing memory. A
+  target token's label and masks sit one position before it (shifted, as the labels are)."""
+  seq, route = _prompt_sequence(row)
+  _lay_out_prompt(out, b, seq, route, row.head.size, question_position)
+  n = seq.size
+  answer_start = n - row.answer.size
+  context_start = answer_start - row.context.size
   out["labels"][b, answer_start - 1:n - 1] = np.where(row.answer_target, row.answer, -1)
   out["answer_mask"][b, answer_start - 1:n - 1] = row.answer_value
   out["context_mask"][b, context_start - 1:answer_start - 1] = row.context_target
@@ -222,6 +243,45 @@ def _empty_memory(batch: int, seq_len_mem: int, c_max: int, pad_id: int) -> dict
           "chunk_ids": np.full((batch, seq_len_mem), c_max, np.int32),
           "chunk_doc": np.zeros((batch, c_max), np.int32),
           "chunk_len": np.zeros((batch, c_max), np.int32)}
+
+
+def _empty_prompt(batch: int, seq_len_prompt: int, max_docs: int, pad_id: int
+                  ) -> dict[str, np.ndarray]:
+  """Prompt-stream arrays of `batch` rows holding only padding (no labels, no positives)."""
+  return {"tokens": np.full((batch, seq_len_prompt), pad_id, np.int32),
+          "segment_ids": np.zeros((batch, seq_len_prompt), np.int32),
+          "positions": np.zeros((batch, seq_len_prompt), np.int32),
+          "route_mask": np.zeros((batch, seq_len_prompt), bool),
+          "sees_memory": np.zeros((batch, seq_len_prompt), bool),
+          "labels": np.full((batch, seq_len_prompt), -1, np.int32),
+          "doc_labels": np.zeros((batch, max_docs), np.int32),
+          "answer_mask": np.zeros((batch, seq_len_prompt), bool),
+          "context_mask": np.zeros((batch, seq_len_prompt), bool)}
+
+
+def sample_prompt(sample: Sample, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """A sample's prompt as one token sequence and its route mask, as `build_batch` lays it out
+  (for generation: the engine takes the sample's prompt, answer included, as a request)."""
+  return _prompt_sequence(_convert(0, sample, vocab_size))
+
+
+def build_generation_prompts(prompts: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                             seq_len_prompt: int, template_len: int | None,
+                             question_position: int, pad_id: int = 0) -> PromptBatch:
+  """Prompt rows without targets, for generation: prompt b is (tokens, route_mask), checked by
+  the caller, in the training layout (`build_batch`'s): its first `template_len` tokens memory-
+  blind at 0..T-1, the rest from `question_position` on, seeing memory. `template_len` None:
+  plain prompts at positions 0..n-1 that neither see memory nor route (the backbone)."""
+  out = _empty_prompt(len(prompts), seq_len_prompt, 0, pad_id)
+  for b, (tokens, route) in enumerate(prompts):
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.size > seq_len_prompt:
+      raise BatchError(f"prompt {b}: {tokens.size} tokens but seq_len_prompt is {seq_len_prompt}")
+    if template_len is None:
+      _lay_out_prompt(out, b, tokens, np.zeros(tokens.size, bool), tokens.size, 0)
+    else:
+      _lay_out_prompt(out, b, tokens, np.asarray(route, bool), template_len, question_position)
+  return PromptBatch(**out)
 
 
 def build_memory_batch(rows: Sequence[Sequence[Sequence[int]]], *, batch_rows: int,
@@ -257,15 +317,7 @@ def build_batch(samples: Sequence[Sample], *, seq_len_mem: int, seq_len_prompt: 
     _check_prompt(i, row, seq_len_prompt, question_position)
   batch = len(rows)
   mem = _empty_memory(batch, seq_len_mem, seq_len_mem // chunk_size + max_docs, pad_id)
-  prompt = {"tokens": np.full((batch, seq_len_prompt), pad_id, np.int32),
-            "segment_ids": np.zeros((batch, seq_len_prompt), np.int32),
-            "positions": np.zeros((batch, seq_len_prompt), np.int32),
-            "route_mask": np.zeros((batch, seq_len_prompt), bool),
-            "sees_memory": np.zeros((batch, seq_len_prompt), bool),
-            "labels": np.full((batch, seq_len_prompt), -1, np.int32),
-            "doc_labels": np.zeros((batch, max_docs), np.int32),
-            "answer_mask": np.zeros((batch, seq_len_prompt), bool),
-            "context_mask": np.zeros((batch, seq_len_prompt), bool)}
+  prompt = _empty_prompt(batch, seq_len_prompt, max_docs, pad_id)
   for b, row in enumerate(rows):
     _fill_memory_row(mem, b, row.documents, chunk_size)
     _fill_prompt_row(prompt, b, row, question_position)

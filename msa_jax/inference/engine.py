@@ -29,11 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax.data.batch import PromptBatch, inference_prompt, plain_prompt
-from msa_jax.data.batch_builder import bucket_length
+from msa_jax.data.batch import PromptBatch, plain_prompt
+from msa_jax.data.batch_builder import as_token_ids, bucket_length, build_generation_prompts
 from msa_jax.inference import kv_cache, sampling
 from msa_jax.inference.requests import Generation, LayerRouting, Request, SamplingConfig
-from msa_jax.model.memory_view import MemoryView
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import unstack_layers
 
@@ -72,28 +71,21 @@ class DecodeState:
 # --------------------------------------------------------------------------- device programs
 
 
-def _batched_view(view, batch: int):
-  """An in-memory `MemoryView` holds one memory row; every request of the batch routes over it."""
-  if isinstance(view, MemoryView):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, x.shape[:1] + (batch,) + x.shape[2:]), view)
-  return view
-
-
 def _prefill(model: MSAForCausalLM, params, prompt: PromptBatch, view, *, budget: int):
-  """(DecodeState with `budget` free slots per layer, the view's selection per router layer)."""
+  """(DecodeState with `budget` free slots per layer, the view's selection stacked per router layer)."""
   b, s = prompt.tokens.shape
   last = jnp.sum(prompt.segment_ids, axis=1) - 1
   rows = jnp.arange(b)
 
   def run(module, prompt, view):
-    out = module(prompt, None, view)
-    return module.logits(out.hidden[rows, last][:, None])[:, 0], out.extras
+    out = module.prefill(prompt, view)
+    return module.logits(out.hidden[rows, last][:, None])[:, 0], out
 
-  logits, extras = model.clone(collect=("kv", "selection")).apply(
-      {"params": params}, prompt, _batched_view(view, b), method=run)
-  caches = [kv_cache.from_prefill(kv, s, budget) for kv in extras["kv"]]
+  view = None if view is None else view.for_batch(b)
+  logits, out = model.apply({"params": params}, prompt, view, method=run)
+  caches = [kv_cache.from_prefill(kv, s, budget) for kv in out.kv]
   state = DecodeState(caches, logits.astype(jnp.float32), prompt.positions[rows, last] + 1)
-  return state, extras.get("selection", [])
+  return state, out.selection
 
 
 def _append(model: MSAForCausalLM, params, state: DecodeState, tokens, valid) -> DecodeState:
@@ -105,9 +97,9 @@ def _append(model: MSAForCausalLM, params, state: DecodeState, tokens, valid) ->
   rows = jnp.arange(tokens.shape[0])
 
   def run(module, prompt, caches):
-    out = module(prompt, cache=caches)
+    out = module.decode_step(prompt, caches)
     last = out.hidden[rows, jnp.maximum(count - 1, 0)]
-    return module.logits(last[:, None])[:, 0], out.extras["cache"]
+    return module.logits(last[:, None])[:, 0], out.caches
 
   logits, caches = model.apply({"params": params}, plain_prompt(tokens, positions, valid),
                                state.caches, method=run)
@@ -162,41 +154,40 @@ _decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("greedy", "ste
 # --------------------------------------------------------------------------- the engine
 
 
-def _as_ids(i: int, what: str, ids, vocab: int) -> np.ndarray:
-  arr = np.asarray(ids)
-  if arr.size == 0:
-    return np.zeros(0, np.int32)
-  if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-    raise EngineError(f"request {i}: {what} must be a flat sequence of integer ids, got shape "
-                      f"{arr.shape} dtype {arr.dtype}")
-  bad = arr[(arr < 0) | (arr >= vocab)]
-  if bad.size:
-    raise EngineError(f"request {i}: {what} contains {int(bad[0])}, outside the vocabulary "
-                      f"[0, {vocab})")
-  return arr.astype(np.int32)
-
-
 class Engine:
   """Serves `Request`s against one memory: `view` is an in-memory `MemoryView` of one memory row
-  (`entry_points.encode_memory`) or any view with the same route/gather protocol (the memory bank)
-  that serves a whole batch; None for a model without router layers.
+  (`entry_points.encode_memory`) or any view with the same protocol (the memory bank): route /
+  gather per layer, `for_batch(b)` and `serving_problem(config)`; None for a model without
+  router layers. Prompts take the training layout: the template head at 0..T-1, memory-blind,
+  the rest from the question position on, seeing memory.
+
+  `backbone=True` serves without any memory (no view): plain prompts at positions 0..n-1 that
+  route nowhere, router layers attending to the prompt only, so the model is its Qwen3 backbone
+  (a converted checkpoint without a bank, the quick start).
 
   `max_batch` rows run together; `max_prompt_len` (default: what the model's positions allow) caps
   the prompt bucket. A model in the scanned layout is served in the per-layer one (same params).
   """
 
   def __init__(self, model: MSAForCausalLM, params, view=None, *, max_batch: int = 16,
-               max_prompt_len: int | None = None):
+               max_prompt_len: int | None = None, backbone: bool = False):
     c, m = model.config, model.msa
-    _check_view(view, model)
-    position_room = c.max_position_embeddings - m.question_position + m.template_len
+    if backbone:
+      if view is not None:
+        raise EngineError("a backbone engine serves without memory; it takes no view")
+      head, position_room = 0, c.max_position_embeddings
+    else:
+      _check_view(view, model)
+      head = m.template_len
+      position_room = c.max_position_embeddings - m.question_position + m.template_len
     cap = position_room if max_prompt_len is None else max_prompt_len
-    if max_batch < 1 or cap <= m.template_len:
+    if max_batch < 1 or cap <= head:
       raise EngineError(f"max_batch must be >= 1 and max_prompt_len > the template head "
-                        f"({m.template_len}); got {max_batch}, {cap}")
-    self.model = model.clone(config=c.replace(scan_layers=False, remat_policy="none"), collect=())
+                        f"({head}); got {max_batch}, {cap}")
+    self.model = model.clone(config=c.replace(scan_layers=False, remat_policy="none"))
     self.params = unstack_layers(params) if c.scan_layers else params
     self.view = view
+    self.backbone = backbone
     self.max_batch = max_batch
     self.max_prompt_len = cap
     self.prompt_buckets = power_of_two_buckets(min(MIN_PROMPT_BUCKET, cap), cap)
@@ -206,48 +197,48 @@ class Engine:
   def check_request(self, i: int, request: Request) -> None:
     """Raises EngineError naming request `i` and its problem."""
     c, m = self.model.config, self.model.msa
-    tokens = _as_ids(i, "tokens", request.tokens, c.vocab_size)
-    _as_ids(i, "stop_ids", list(request.stop_ids), c.vocab_size)
+    tokens = as_token_ids(request.tokens, f"request {i}: tokens", c.vocab_size, EngineError)
+    as_token_ids(list(request.stop_ids), f"request {i}: stop_ids", c.vocab_size, EngineError)
     n = tokens.size
     if n == 0:
       raise EngineError(f"request {i}: empty prompt")
     if len(request.route_mask) != n:
       raise EngineError(f"request {i}: route_mask has {len(request.route_mask)} entries but the "
                         f"prompt has {n} tokens")
-    if n <= m.template_len:
-      raise EngineError(f"request {i}: {n} tokens, not more than the memory-blind template head "
-                        f"({m.template_len} tokens): nothing would see the memory")
-    if m.router_layers and not any(request.route_mask):
-      raise EngineError(f"request {i}: route_mask selects no token, so nothing scores the memory")
-    if request.max_new_tokens < 1:
-      raise EngineError(f"request {i}: max_new_tokens must be >= 1, got {request.max_new_tokens}")
     if n > self.max_prompt_len:
       raise EngineError(f"request {i}: prompt of {n} tokens is longer than the limit "
                         f"{self.max_prompt_len} (max_prompt_len / the model's positions)")
-    last = m.question_position + (n - m.template_len) + request.max_new_tokens - 1
+    if self.backbone:
+      last = n + request.max_new_tokens - 1
+    else:
+      self._check_memory_request(i, request, n)
+      last = m.question_position + (n - m.template_len) + request.max_new_tokens - 1
+    if request.max_new_tokens < 1:
+      raise EngineError(f"request {i}: max_new_tokens must be >= 1, got {request.max_new_tokens}")
     if last >= c.max_position_embeddings:
       raise EngineError(f"request {i}: prompt ({n} tokens) plus max_new_tokens "
                         f"({request.max_new_tokens}) reach position {last}, beyond the model's "
                         f"max_position_embeddings ({c.max_position_embeddings})")
 
+  def _check_memory_request(self, i: int, request: Request, n: int) -> None:
+    """What a request over memory needs: tokens past the template head, and route tokens."""
+    m = self.model.msa
+    if n <= m.template_len:
+      raise EngineError(f"request {i}: {n} tokens, not more than the memory-blind template head "
+                        f"({m.template_len} tokens): nothing would see the memory")
+    if m.router_layers and not any(request.route_mask):
+      raise EngineError(f"request {i}: route_mask selects no token, so nothing scores the memory")
+
   def _prompt_batch(self, requests: Sequence[Request]) -> PromptBatch:
-    """Rows in the training layout (batch_builder's): head at 0..T-1, the rest from the question
-    position on, seeing memory; padded to the prompt and batch buckets (extra rows repeat row 0)."""
+    """Rows in the training layout (`batch_builder`'s; plain rows for a backbone engine), padded
+    to the prompt and batch buckets (extra rows repeat row 0)."""
     m = self.model.msa
     s = bucket_length(max(len(r.tokens) for r in requests), self.prompt_buckets)
     b = min(next_power_of_two(len(requests)), self.max_batch)
-    cols = np.arange(s)
-    arrays = {k: [] for k in ("tokens", "segment_ids", "positions", "route_mask", "sees_memory")}
-    for r in list(requests) + [requests[0]] * (b - len(requests)):
-      n = len(r.tokens)
-      valid = cols < n
-      arrays["tokens"].append(np.pad(np.asarray(r.tokens, np.int32), (0, s - n)))
-      arrays["segment_ids"].append(valid.astype(np.int32))
-      arrays["positions"].append(np.where(cols < m.template_len, cols,
-                                          m.question_position + cols - m.template_len) * valid)
-      arrays["route_mask"].append(np.pad(np.asarray(r.route_mask, bool), (0, s - n)))
-      arrays["sees_memory"].append(valid & (cols >= m.template_len))
-    return inference_prompt(**{k: np.stack(v) for k, v in arrays.items()})
+    rows = [(r.tokens, r.route_mask) for r in list(requests) + [requests[0]] * (b - len(requests))]
+    return build_generation_prompts(rows, seq_len_prompt=s,
+                                    template_len=None if self.backbone else m.template_len,
+                                    question_position=m.question_position)
 
   # ------------------------------------------------------------------ the API
 
@@ -264,9 +255,9 @@ class Engine:
       self.check_request(i, r)
     if budget is None:
       budget = next_power_of_two(max(r.max_new_tokens for r in requests), MIN_NEW_TOKENS_BUCKET)
-    state, selections = _prefill_jit(self.model, self.params, self._prompt_batch(requests),
-                                     self.view, budget=budget)
-    return state, _routing(jax.device_get(selections), self.model.msa.router_layers, len(requests))
+    state, selection = _prefill_jit(self.model, self.params, self._prompt_batch(requests),
+                                    self.view, budget=budget)
+    return state, _routing(jax.device_get(selection), self.model.msa.router_layers, len(requests))
 
   def append(self, state: DecodeState, tokens: Sequence[Sequence[int]]) -> DecodeState:
     """Appends each row's `tokens` (rows of different lengths allowed, any may be empty) at once;
@@ -281,7 +272,8 @@ class Engine:
     ids = np.zeros((b, n), np.int32)
     valid = np.zeros((b, n), bool)
     for i, t in enumerate(tokens):
-      ids[i, :len(t)] = _as_ids(i, "appended tokens", list(t), self.model.config.vocab_size)
+      ids[i, :len(t)] = as_token_ids(list(t), f"request {i}: appended tokens",
+                                     self.model.config.vocab_size, EngineError)
       valid[i, :len(t)] = True
     return _append_jit(self.model, self.params, state, jnp.asarray(ids), jnp.asarray(valid))
 
@@ -342,36 +334,26 @@ def _check_view(view, model: MSAForCausalLM) -> None:
     if routers:
       raise EngineError(f"the model routes at layers {routers}; it needs a memory view")
     return
-  held = tuple(getattr(view, "router_layers", ()))
+  held = tuple(view.router_layers)
   if held != routers:
     raise EngineError(f"the memory view holds router layers {held} but the model routes at "
                       f"{routers}: was it built by another model?")
-  if isinstance(view, MemoryView):
-    c = model.config
-    shape = tuple(view.layers.k.shape)
-    if shape[-2:] != (c.num_kv_heads, c.head_dim):
-      raise EngineError(f"the memory view's keys have {shape[-2]} heads of {shape[-1]} dims but "
-                        f"the model has {c.num_kv_heads} of {c.head_dim}: built by another model?")
-    if shape[1] != 1:
-      raise EngineError(f"the engine serves one memory shared by all requests; this MemoryView "
-                        f"holds {shape[1]} memory rows (encode the memory as one row)")
+  problem = view.serving_problem(model.config)
+  if problem:
+    raise EngineError(problem)
 
 
-def _routing(selections, router_layers, n: int) -> list[list[LayerRouting]]:
-  """Per request, per router layer: the selected documents best first, with their scores. A view
-  whose selection carries `doc_index` (the bank) gives global indices; otherwise document columns
-  of the in-memory view are its 0-based document indices."""
+def _routing(selection, router_layers, n: int) -> list[list[LayerRouting]]:
+  """Per request, per router layer: the selected documents best first, with their scores, from
+  the view's selection stacked per router layer (`router.Selection`, [L_r, B, k]; None: no
+  routing, without memory or router layers)."""
   out = [[] for _ in range(n)]
-  for layer, sel in zip(router_layers, selections):
-    scores = np.asarray(sel.doc_scores, np.float32)
-    chosen = np.asarray(sel.doc_selected, bool)
-    index = getattr(sel, "doc_index", None)
+  if selection is None:
+    return out
+  for r, layer in enumerate(router_layers):
+    index, scores, valid = (np.asarray(x[r]) for x in (selection.doc_index, selection.scores,
+                                                        selection.valid))
     for b in range(n):
-      if index is not None:
-        docs, s = np.asarray(index[b])[chosen[b]], scores[b][chosen[b]]
-      else:
-        cols = np.flatnonzero(chosen[b])
-        order = np.argsort(-scores[b][cols], kind="stable")
-        docs, s = cols[order], scores[b][cols][order]
-      out[b].append(LayerRouting(layer=layer, doc_index=docs.astype(np.int64), scores=s))
+      out[b].append(LayerRouting(layer=layer, doc_index=index[b][valid[b]].astype(np.int64),
+                                 scores=scores[b][valid[b]].astype(np.float32)))
   return out

@@ -2,7 +2,7 @@
 
 A prefill (stage 2) attends, per layer, over [gathered memory chunks | prompt] (router layers) or
 [prompt] (the others); `MSADecoderLayer` hands those keys out with their segment ids and indices
-(collect "kv"). `from_prefill` appends `budget` empty slots to each, and decoding writes new tokens
+(`PrefillOutput.kv`). `from_prefill` appends `budget` empty slots to each, and decoding writes new tokens
 there with `lax.dynamic_update_slice` at a write index: no per-step concatenation, one compiled
 program for every step of a bucket. The memory chunks stay as the prefill selected them (the
 official stage 3 does not route again, MSA_REFERENCE_IMPL.md §3.3).

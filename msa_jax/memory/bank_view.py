@@ -26,19 +26,7 @@ from msa_jax.kernels.routing import api
 from msa_jax.memory import routing, tiers
 from msa_jax.memory.routing import MEMORY_AXIS, ShardPlan
 from msa_jax.memory.store import KEY_SCALES
-from msa_jax.model import router_keys
-
-
-@flax.struct.dataclass
-class BankSelection:
-  """One router layer's choice per request, best first: doc_index [B, k] (global 0-based document
-  indices, -1 where fewer than k documents exist), doc_scores [B, k] (-inf there), doc_selected and
-  doc_present [B, k] (the valid entries; the model stacks these fields per layer)."""
-
-  doc_scores: jax.Array
-  doc_present: jax.Array
-  doc_selected: jax.Array
-  doc_index: jax.Array
+from msa_jax.model import router, router_keys
 
 
 class _Identity:
@@ -93,25 +81,25 @@ class BankLayerMemory:
   doc_chunks: jax.Array
   spec: BankSpec = flax.struct.field(pytree_node=False)
 
-  def route(self, q_r, route_mask, cfg: MSAConfig) -> BankSelection:
+  def route(self, q_r, route_mask, cfg: MSAConfig) -> router.Selection:
     s = self.spec
     scores, index, valid = routing.route_sharded(
         q_r, route_mask, self.router_keys, self.chunk_doc, self.doc_index, cfg, mesh=s.mesh,
         num_docs=s.num_docs, batch_axis=s.batch_axis, coupled_scale=s.coupled,
         key_scale=self.router_key_scale, implementation=s.routing_kernel)
-    return BankSelection(scores, valid, valid, index)
+    return router.Selection(index, scores, valid)
 
-  def gather(self, selection: BankSelection):
+  def gather(self, selection: router.Selection):
     """(k̄ [B, k·M, Hkv, D], v̄, mask [B, k·M]): the selected documents' chunks, where they live."""
     s = self.spec
     if s.tier == "tensorstore":
       bank = s.store.value
       return tiers.gather_from_store(
           bank.read_rows, bank.doc_chunk_offsets, self.layer, selection.doc_index,
-          selection.doc_selected, self.doc_chunks, max_doc_chunks=s.max_doc_chunks,
+          selection.valid, self.doc_chunks, max_doc_chunks=s.max_doc_chunks,
           row_shape=s.row_shape, dtype=jnp.dtype(s.content_dtype))
     return tiers.gather_resident(
-        self.content_k, self.content_v, selection.doc_index, selection.doc_selected, self.doc_shard,
+        self.content_k, self.content_v, selection.doc_index, selection.valid, self.doc_shard,
         self.doc_local_start, self.doc_chunks, mesh=s.mesh, max_doc_chunks=s.max_doc_chunks,
         batch_axis=s.batch_axis, on_host=s.tier == "pinned_host")
 
@@ -130,6 +118,14 @@ class BankMemoryView:
   @property
   def spec(self) -> BankSpec:
     return self.layers.spec
+
+  def for_batch(self, batch: int) -> "BankMemoryView":
+    """A bank serves every request of a batch as it is."""
+    return self
+
+  def serving_problem(self, config) -> str | None:
+    """None: `open_view` already checked the bank against the model."""
+    return None
 
   def at(self, layer: int) -> BankLayerMemory:
     r = self.router_layers.index(layer)

@@ -3,8 +3,8 @@
 The teacher-forced probe (`msa_jax.training.probe`) uses it to measure id reading and answer
 copying with the gold documents attended whatever the router scored, so router errors drop out.
 It wraps a `MemoryView` (selections with one column per document) and changes only the selection:
-forced documents replace the lowest-scoring picks, the rest of the top-k stays, and the reported
-document scores remain the router's.
+forced documents replace the lowest-scoring picks, the rest of the top-k stays (forced ones listed
+first), and the reported scores remain the router's.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from msa_jax.model import router
 from msa_jax.model.memory_view import LayerMemory, MemoryView
 
 
-def force_selection(selection: router.Selection, forced, k: int) -> router.Selection:
-  """`selection` with the present documents of `forced` [B, D] in its top-k: the top-k by score
-  with forced documents ranked first (all of them when they fit k_eff)."""
-  key = jnp.where(forced & selection.doc_present, jnp.inf, selection.doc_scores)
-  return selection.replace(doc_selected=router.select_top_k(key, selection.doc_present, k))
+def force_selection(doc: router.DocumentScores, forced, k: int) -> router.Selection:
+  """The top-k of `doc` with the present documents of `forced` [B, D] ranked first (all of them
+  when they fit k_eff); the selection reports the router's scores of what it picked."""
+  key = router.DocumentScores(jnp.where(forced & doc.present, jnp.inf, doc.scores), doc.present)
+  selection = router.select_top_k(key, k)
+  scores = jnp.take_along_axis(doc.scores, jnp.maximum(selection.doc_index, 0), axis=-1)
+  return selection.replace(scores=jnp.where(selection.valid, scores, -jnp.inf))
 
 
 @flax.struct.dataclass
@@ -32,8 +34,13 @@ class ForcedLayerMemory:
   memory: LayerMemory
   forced: jax.Array
 
+  def score_documents(self, q_r, route_mask, cfg: MSAConfig) -> router.DocumentScores:
+    """The router's scores, which forcing leaves as they are."""
+    return self.memory.score_documents(q_r, route_mask, cfg)
+
   def route(self, q_r, route_mask, cfg: MSAConfig) -> router.Selection:
-    return force_selection(self.memory.route(q_r, route_mask, cfg), self.forced, cfg.top_k_docs)
+    return force_selection(self.score_documents(q_r, route_mask, cfg), self.forced,
+                           cfg.top_k_docs)
 
   def gather(self, selection: router.Selection):
     return self.memory.gather(selection)

@@ -23,15 +23,31 @@ EPS = 1e-12
 
 @flax.struct.dataclass
 class Selection:
-  """Per-row routing result over document columns 0..D-1 (column d-1 = document d).
+  """One router layer's choice per row, best first; every memory view returns this type.
 
-  doc_scores [B, D] f32 (-inf for absent documents), doc_present [B, D] bool,
-  doc_selected [B, D] bool (the top-k_eff present documents).
+  doc_index [B, k] int32: 0-based document indices in the view's numbering (the in-batch view's
+  document columns, the bank's global indices), -1 where fewer than k documents exist;
+  scores [B, k] f32 (-inf there); valid [B, k] bool.
   """
 
-  doc_scores: jax.Array
-  doc_present: jax.Array
-  doc_selected: jax.Array
+  doc_index: jax.Array
+  scores: jax.Array
+  valid: jax.Array
+
+  def mask(self, num_docs: int) -> jax.Array:
+    """The selection as a [B, num_docs] bool mask over document indices."""
+    rows = jnp.arange(self.doc_index.shape[0])[:, None]
+    empty = jnp.zeros((self.doc_index.shape[0], num_docs), bool)
+    return empty.at[rows, jnp.maximum(self.doc_index, 0)].max(self.valid)
+
+
+@flax.struct.dataclass
+class DocumentScores:
+  """Every document's score over columns 0..D-1 (column d-1 = document d): scores [B, D] f32
+  (-inf for absent documents), present [B, D] bool. Training keeps them for the aux loss."""
+
+  scores: jax.Array
+  present: jax.Array
 
 
 def l2_normalize(x):
@@ -121,19 +137,25 @@ def document_scores(scores, chunk_doc, num_docs: int, chunk_reduce: str):
   return jnp.where(present, doc, -jnp.inf), present
 
 
-def select_top_k(doc_scores, present, k: int):
-  """Boolean [B,D] mask of the top-min(k, present) documents; no gradient flows through it."""
-  scores = lax.stop_gradient(jnp.where(present, doc_scores, -jnp.inf))
-  k = min(k, scores.shape[-1])
-  _, idx = lax.top_k(scores, k)
-  chosen = jnp.take_along_axis(present, idx, axis=-1)
-  rows = jnp.arange(scores.shape[0])[:, None]
-  return jnp.zeros_like(present).at[rows, idx].max(chosen)
+def select_top_k(doc: DocumentScores, k: int) -> Selection:
+  """The top-min(k, present) documents best first (ties: the lower index); no gradient flows
+  through the selection, nor through its scores (the router learns from the aux loss)."""
+  scores = lax.stop_gradient(jnp.where(doc.present, doc.scores, -jnp.inf))
+  top, idx = lax.top_k(scores, min(k, scores.shape[-1]))
+  valid = jnp.take_along_axis(doc.present, idx, axis=-1)
+  return Selection(jnp.where(valid, idx, -1).astype(jnp.int32), jnp.where(valid, top, -jnp.inf),
+                   valid)
+
+
+def score_documents(q_r, route_mask, k_r, chunk_doc, cfg: MSAConfig, *,
+                    coupled_scale: bool = False) -> DocumentScores:
+  """Document scores of one layer over the chunk slots of each row."""
+  s = chunk_scores(q_r, route_mask, k_r, cfg, coupled_scale=coupled_scale)
+  return DocumentScores(*document_scores(s, chunk_doc, chunk_doc.shape[-1], cfg.chunk_reduce))
 
 
 def route(q_r, route_mask, k_r, chunk_doc, cfg: MSAConfig, *, coupled_scale: bool = False
           ) -> Selection:
   """Full routing of one layer over the chunk slots of each row."""
-  s = chunk_scores(q_r, route_mask, k_r, cfg, coupled_scale=coupled_scale)
-  doc, present = document_scores(s, chunk_doc, chunk_doc.shape[-1], cfg.chunk_reduce)
-  return Selection(doc, present, select_top_k(doc, present, cfg.top_k_docs))
+  return select_top_k(score_documents(q_r, route_mask, k_r, chunk_doc, cfg,
+                                      coupled_scale=coupled_scale), cfg.top_k_docs)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from msa_jax.config import MSAConfig
+from msa_jax.model import router
 
 TEMPERATURE_RANGE = (0.001, 0.5)
 RECALL_AT = (1, 5, 10, 16)
@@ -183,11 +184,21 @@ def router_recall(doc_scores: jax.Array, doc_present: jax.Array, doc_labels: jax
   """
   scores = doc_scores.astype(jnp.float32)
   present = jnp.broadcast_to(doc_present.astype(bool), scores.shape)
-  pos = present & (jnp.broadcast_to(doc_labels, scores.shape) > 0)
-  k = min(max(ns), scores.shape[-1])
-  _, top = jax.lax.top_k(jnp.where(present, scores, -jnp.inf), k)
-  hits = jnp.cumsum(jnp.take_along_axis(pos, top, axis=-1), axis=-1, dtype=jnp.float32)
-  num_pos = jnp.sum(pos, axis=-1).astype(jnp.float32)
+  positives = present & (jnp.broadcast_to(doc_labels, scores.shape) > 0)
+  top = router.select_top_k(router.DocumentScores(scores, present), max(ns))
+  return selection_recall(top, positives, ns, per_sample)
+
+
+def selection_recall(selection: router.Selection, positives: jax.Array,
+                     ns: Sequence[int] = RECALL_AT, per_sample: bool = False
+                     ) -> dict[str, jax.Array]:
+  """`router_recall` from a best-first selection ([..., B, k]) and the positive documents
+  `positives` [..., B, D] bool (present ones only): recall@n counts the first min(n, k) picks."""
+  k = selection.doc_index.shape[-1]
+  positives = jnp.broadcast_to(positives, selection.doc_index.shape[:-1] + positives.shape[-1:])
+  picked = jnp.take_along_axis(positives, jnp.maximum(selection.doc_index, 0), axis=-1)
+  hits = jnp.cumsum(picked & selection.valid, axis=-1, dtype=jnp.float32)
+  num_pos = jnp.sum(positives, axis=-1).astype(jnp.float32)
   valid = num_pos > 0
   samples = jnp.maximum(jnp.sum(valid, axis=-1), 1)
   out = {}

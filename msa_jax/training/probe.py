@@ -47,7 +47,7 @@ from msa_jax.model import entry_points
 from msa_jax.model.forced_view import ForcedView
 from msa_jax.model.memory_view import MemoryView
 from msa_jax.model.model import MSAForCausalLM
-from msa_jax.training.losses import router_recall
+from msa_jax.training.losses import selection_recall
 
 CONDITIONS = ("normal", "gold_text_appended", "gold_forced")
 STEP_KINDS = ("retrieval", "answer")
@@ -156,8 +156,7 @@ def _score(model: MSAForCausalLM, params, view: MemoryView, rows, forced, prompt
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   labels = jnp.maximum(prompt.labels, 0)
   label_logp = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  return (label_logp, jnp.argmax(logits, axis=-1) == labels, out.doc_scores, out.doc_selected,
-          out.doc_present)
+  return label_logp, jnp.argmax(logits, axis=-1) == labels, out.selection
 
 
 class _Tally:
@@ -254,10 +253,12 @@ def probe(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Sequence
         labels[i, list(it.sample.positive_docs)] = 1
         forced[i] = (labels[i] > 0) & (FORCED in it.conditions)
       rows = np.array([it.row for it in padded], np.int32)
-      logp, correct, scores, selected, present = jax.device_get(
-          _score(model, params, view, rows, forced, prompt))
-      recall1 = np.asarray(router_recall(scores, present, labels, ns=(1,),
-                                         per_sample=True)["recall@1"])
+      logp, correct, selection = _score(model, params, view, rows, forced, prompt)
+      selected = np.asarray(jax.vmap(lambda s: s.mask(num_cols))(selection))  # [L, R, D]
+      # recall counts the unforced (normal) rows only, whose selection is the router's top-k
+      recall1 = np.asarray(selection_recall(selection, jnp.asarray(labels > 0), ns=(1,),
+                                            per_sample=True)["recall@1"])
+      logp, correct = jax.device_get((logp, correct))
       for i, it in enumerate(chunk):
         grid = class_grid(it.sample, it.classes, seq_len_prompt)
         tally.add(it, grid, logp[i], correct[i], selected[:, i], recall1[:, i])
