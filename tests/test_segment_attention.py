@@ -209,3 +209,48 @@ def test_band_is_not_exact_for_a_document_over_three_blocks():
   want = reference.segment_attention(q, k, v, *args)
   band = banded.segment_attention(q, k, v, *args, BAND_BLOCK)
   assert np.abs(np.asarray(band) - np.asarray(want))[1, 16:18].max() > 1e-3  # the band is wrong
+  for impl in ("banded", "auto"):  # the dispatcher is not
+    _assert_is_reference(
+        lambda q, k, v, impl=impl: api.segment_attention(q, k, v, *args, implementation=impl,
+                                                         block_q=BAND_BLOCK,
+                                                         block_kv=BAND_BLOCK), q, k, v, args)
+
+
+def test_dispatch_takes_the_band_where_it_is_exact(monkeypatch):
+  seg, idx = _band_case()
+  args = (seg, idx, seg, idx)
+  q, k, v = _inputs(np.random.default_rng(8), b=3, sq=BAND_LEN, skv=BAND_LEN, h=4, hkv=2)
+  ran = []
+  monkeypatch.setattr(blockwise, "segment_attention",
+                      lambda *a: ran.append("blockwise") or jnp.full(q.shape, jnp.nan))
+  for impl in ("auto", "banded"):
+    got = api.segment_attention(q, k, v, *args, implementation=impl, block_q=BAND_BLOCK,
+                                block_kv=BAND_BLOCK)
+    np.testing.assert_allclose(got, reference.segment_attention(q, k, v, *args), atol=2e-6)
+  assert ran == ["blockwise", "blockwise"]  # traced as the untaken branch, never run
+  got = api.segment_attention(q, k, v, *args, implementation="blockwise", block_q=BAND_BLOCK,
+                              block_kv=BAND_BLOCK)
+  assert np.isnan(np.asarray(got)).all()  # forced blockwise is blockwise alone
+
+
+def test_band_over_budget_is_never_traced(monkeypatch):
+  seg, idx = _band_case()
+  args = (seg, idx, seg, idx)
+  q, k, v = _inputs(np.random.default_rng(9), b=3, sq=BAND_LEN, skv=BAND_LEN, h=4, hkv=2)
+
+  def traced(*a):
+    raise AssertionError("the band was traced")
+
+  monkeypatch.setattr(banded, "segment_attention", traced)
+  call = lambda impl: api.segment_attention(q, k, v, *args, implementation=impl,
+                                            block_q=BAND_BLOCK, block_kv=BAND_BLOCK)
+  size = banded.window_bytes(q.shape, BAND_BLOCK)
+  assert size == 3 * 40 * 4 * 3 * BAND_BLOCK * 4  # B · padded S · H · 3·block · 4 bytes
+  monkeypatch.setattr(banded, "BAND_BUDGET_BYTES", size - 1)
+  np.testing.assert_allclose(call("auto"), reference.segment_attention(q, k, v, *args),
+                             atol=2e-6)
+  with pytest.raises(AssertionError, match="the band was traced"):
+    call("banded")  # forcing it ignores the budget
+  monkeypatch.setattr(banded, "BAND_BUDGET_BYTES", size)
+  with pytest.raises(AssertionError, match="the band was traced"):
+    call("auto")
