@@ -74,6 +74,58 @@ def _scores(qb, kb, mask, scale):
   return jnp.where(mask[:, None, None], s, -_BIG)
 
 
+def _init_carry(b, hkv, g, bq, d):
+  """The online softmax's empty state (running max, sum, output) for [B,Hkv,G,bq] queries."""
+  return (jnp.full((b, hkv, g, bq), -_BIG, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
+          jnp.zeros((b, hkv, g, bq, d), jnp.float32))
+
+
+def _online_step(carry, qb, kb, vb, mask, scale):
+  """Folds one key tile (kb/vb [B,bk,Hkv,D], mask [B,bq,bk]) into the online softmax state."""
+  m, l, acc = carry
+  s = _scores(qb, kb, mask, scale)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  p = jnp.where(mask[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+  corr = jnp.exp(m - m_new)
+  l = l * corr + jnp.sum(p, axis=-1)
+  pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+  return m_new, l, acc * corr[..., None] + pv
+
+
+def _finish(m, l, acc):
+  """out [B,Hkv,G,bq,D] and lse [B,Hkv,G,bq] (f32) from the state; queries that saw nothing get
+  zeros and lse -BIG, never NaN."""
+  seen = l > 0
+  out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_BIG)
+  return out, lse
+
+
+def _tile_grads(qb, kb, vb, dob, lse_b, delta_b, mask, scale):
+  """p and ds of one tile, both f32 [B,Hkv,G,bq,bk], recomputed from the saved log-sum-exp:
+  qb/dob [B,bq,Hkv,G,D], kb/vb [B,bk,Hkv,D], lse_b/delta_b [B,bq,Hkv,G], mask [B,bq,bk]."""
+  s = _scores(qb, kb, mask, scale)
+  lse_t = jnp.transpose(lse_b, (0, 2, 3, 1))[..., None]
+  p = jnp.where(mask[:, None, None], jnp.exp(s - lse_t), 0.0)
+  dp = jnp.einsum("bqkgd,btkd->bkgqt", dob, vb, preferred_element_type=jnp.float32)
+  ds = p * (dp - jnp.transpose(delta_b, (0, 2, 3, 1))[..., None])
+  return p, ds
+
+
+def _dq(ds, kb, scale):
+  """A tile's dq [B,bq,Hkv,G,D] (f32)."""
+  return jnp.einsum("bkgqt,btkd->bqkgd", ds.astype(kb.dtype), kb,
+                    preferred_element_type=jnp.float32) * scale
+
+
+def _dkv(p, ds, qb, dob, scale):
+  """A tile's dk, dv [B,bk,Hkv,D] (f32)."""
+  dv = jnp.einsum("bkgqt,bqkgd->btkd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bkgqt,bqkgd->btkd", ds.astype(qb.dtype), qb,
+                  preferred_element_type=jnp.float32) * scale
+  return dk, dv
+
+
 def _prepare(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv):
   q, k, v, q_seg, q_idx, kv_seg, kv_idx = map(jnp.asarray, (q, k, v, q_seg, q_idx, kv_seg, kv_idx))
   b, sq, h, d = q.shape
@@ -105,27 +157,13 @@ def _forward(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv):
 
     def kv_step(j, carry):
       def compute(carry):
-        m, l, acc = carry
         mask = _tile_mask(qs, qi, ks_all[:, j], ki_all[:, j])
-        s = _scores(qb, kb_all[:, j], mask, scale)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(vb_all.dtype), vb_all[:, j],
-                        preferred_element_type=jnp.float32)
-        return m_new, l, acc * corr[..., None] + pv
+        return _online_step(carry, qb, kb_all[:, j], vb_all[:, j], mask, scale)
 
       return lax.cond(need_row[j], compute, lambda c: c, carry)
 
-    init = (jnp.full((b, hkv, g, block_q), -_BIG, jnp.float32),
-            jnp.zeros((b, hkv, g, block_q), jnp.float32),
-            jnp.zeros((b, hkv, g, block_q, d), jnp.float32))
-    m, l, acc = lax.fori_loop(*_live_range(need_row), kv_step, init)
-    seen = l > 0
-    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_BIG)
-    return out, lse
+    carry = lax.fori_loop(*_live_range(need_row), kv_step, _init_carry(b, hkv, g, block_q, d))
+    return _finish(*carry)
 
   xs = (jnp.moveaxis(qb_all, 1, 0), jnp.moveaxis(qs_all, 1, 0), jnp.moveaxis(qi_all, 1, 0), needed)
   out, lse = lax.map(q_block, xs)  # [nq, B, Hkv, G, bq, (D)]
@@ -163,20 +201,14 @@ def _bwd(block_q, block_kv, res, dout):
   def tile(i, j):
     """p and ds of tile (i, j), both f32 [B,Hkv,G,bq,bk]."""
     mask = _tile_mask(qs_all[:, i], qi_all[:, i], ks_all[:, j], ki_all[:, j])
-    s = _scores(qb_all[:, i], kb_all[:, j], mask, scale)
-    lse_t = jnp.transpose(lse_all[:, i], (0, 2, 3, 1))[..., None]
-    p = jnp.where(mask[:, None, None], jnp.exp(s - lse_t), 0.0)
-    dp = jnp.einsum("bqkgd,btkd->bkgqt", do_all[:, i], vb_all[:, j],
-                    preferred_element_type=jnp.float32)
-    ds = p * (dp - jnp.transpose(delta_all[:, i], (0, 2, 3, 1))[..., None])
-    return p, ds
+    return _tile_grads(qb_all[:, i], kb_all[:, j], vb_all[:, j], do_all[:, i], lse_all[:, i],
+                       delta_all[:, i], mask, scale)
 
   def dq_block(i):
     def step(j, acc):
       def compute(acc):
         _, ds = tile(i, j)
-        return acc + jnp.einsum("bkgqt,btkd->bqkgd", ds.astype(kb_all.dtype), kb_all[:, j],
-                                preferred_element_type=jnp.float32) * scale
+        return acc + _dq(ds, kb_all[:, j], scale)
       return lax.cond(needed[i, j], compute, lambda a: a, acc)
     return lax.fori_loop(*_live_range(needed[i]), step,
                          jnp.zeros((b, block_q, hkv, g, d), jnp.float32))
@@ -185,12 +217,8 @@ def _bwd(block_q, block_kv, res, dout):
     def step(i, carry):
       def compute(carry):
         dk, dv = carry
-        p, ds = tile(i, j)
-        dv = dv + jnp.einsum("bkgqt,bqkgd->btkd", p.astype(do_all.dtype), do_all[:, i],
-                             preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bkgqt,bqkgd->btkd", ds.astype(qb_all.dtype), qb_all[:, i],
-                             preferred_element_type=jnp.float32) * scale
-        return dk, dv
+        ddk, ddv = _dkv(*tile(i, j), qb_all[:, i], do_all[:, i], scale)
+        return dk + ddk, dv + ddv
       return lax.cond(needed[i, j], compute, lambda c: c, carry)
     zeros = jnp.zeros((b, block_kv, hkv, d), jnp.float32)
     return lax.fori_loop(*_live_range(needed[:, j]), step, (zeros, zeros))

@@ -14,7 +14,8 @@ What it expresses, and what goes to the blockwise fallback:
     layout (`q_offsets`, only in the private `jax._src.cudnn` API) saves a [B*M, H, S] f32
     log-sum-exp for M segment slots per row (512 MiB a 64K row of 64 documents, per layer).
     Merging one cuDNN call per document by log-sum-exp is not exact either: cuDNN's backward drops
-    the residual's cotangent. So these rows take the blockwise kernel.
+    the residual's cotangent. So these rows take the blockwise kernel (or the band when
+    it is exact and fits, `banded.band_or_blockwise`).
   * decode (a few queries against a cache): no, the queries are not the keys' tail.
 The test is on device (`layout.ok`), so one jitted program holds both branches behind `lax.cond`.
 """
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from msa_jax.kernels.segment_attention import blockwise, layout as layout_lib
+from msa_jax.kernels.segment_attention import banded, layout as layout_lib
 
 _DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -56,10 +57,11 @@ def causal_attention(q, k, v, lay: layout_lib.CausalLayout, *, implementation: s
 
 def segment_attention(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv, *,
                       implementation: str = "cudnn"):
-  """The reference's result: cuDNN when this batch's mask fits the layout, else blockwise."""
+  """The reference's result: cuDNN when this batch's mask fits the layout, else blockwise (or the
+  band, `banded.band_or_blockwise`)."""
   lay = layout_lib.causal_layout(q_seg, q_idx, kv_seg, kv_idx)
   return lax.cond(
       lay.ok,
       lambda: causal_attention(q, k, v, lay, implementation=implementation),
-      lambda: blockwise.segment_attention(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q,
-                                          block_kv))
+      lambda: banded.band_or_blockwise(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q,
+                                       block_kv))

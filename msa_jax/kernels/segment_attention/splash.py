@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-from msa_jax.kernels.segment_attention import blockwise, layout as layout_lib
+from msa_jax.kernels.segment_attention import banded, layout as layout_lib
 
 _LANES = 128
 
@@ -76,9 +76,10 @@ def _through_layout(q, k, v, lay, interpret):
 
 def segment_attention(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q, block_kv, *,
                       interpret: bool = False):
-  """The reference's result: splash when this batch's mask fits it, else blockwise."""
-  fallback = lambda: blockwise.segment_attention(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q,
-                                                 block_kv)
+  """The reference's result: splash when this batch's mask fits it, else blockwise (or the band,
+  `banded.band_or_blockwise`)."""
+  fallback = lambda: banded.band_or_blockwise(q, k, v, q_seg, q_idx, kv_seg, kv_idx, block_q,
+                                              block_kv)
   if q.shape[1] == k.shape[1]:  # self attention: documents as splash segments
     ok = (jnp.all(q_seg == kv_seg) & jnp.all(q_idx == kv_idx)
           & jnp.all(layout_lib.increasing_where_live(q_seg, q_idx)))
