@@ -231,7 +231,12 @@ def test_tool_writes_json_and_fails_clearly_without_a_model(tmp_path):
   result = json.loads(out.read_text())
   assert result["settings"]["seed"] == 99 and result["records"] == 2
   assert result["metrics"]["normal"]["retrieval"]["id_digits"]["count"] > 0
+  assert result["settings"]["doc_tokens"] == [16, 64]  # the shipped model's train_config.json
+  assert "documents of 16-64 tokens; data settings from " in run.stdout
   assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]  # no temporary left behind
+  run = _run_tool("--model=models/tiny_msa", "--min_doc_tokens=40", "--max_doc_tokens=20")
+  assert run.returncode == 1
+  assert "need 0 < --min_doc_tokens <= --max_doc_tokens" in run.stderr.strip().splitlines()[-1]
   missing = tmp_path / "no_model"
   run = _run_tool(f"--model={missing}", f"--out={tmp_path / 'bad.json'}")
   assert run.returncode == 1

@@ -33,16 +33,25 @@ _NUM = flags.DEFINE_integer("num_samples", 64, "Held-out records (each gives its
 _SEED = flags.DEFINE_integer("seed", 12345, "Seed of the held-out records (not a training seed).")
 _DOC_ID_MAX = flags.DEFINE_integer("doc_id_max", None, "Random display ids below this (0: ids "
                                    "0..n-1); default: the model's train_config.json's.")
+_MIN_DOC = flags.DEFINE_integer("min_doc_tokens", None, "Shortest document; default: the model's "
+                                "train_config.json's.")
+_MAX_DOC = flags.DEFINE_integer("max_doc_tokens", None, "Longest document; default: the model's "
+                                "train_config.json's (without one, the training defaults: "
+                                "probing a model on documents longer than it trained on measures "
+                                "something else).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Records whose prompts are scored together.")
 _BLOCK = flags.DEFINE_integer("attention_block", 128, "Tile edge of the blockwise attention (speed "
                               "only: small tiles skip more of a row of short documents on CPU).")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON results here (atomically).")
 
 
-def _data_config(model_dir: str) -> DataConfig:
-  """The data settings the model was trained with (defaults without a train_config.json)."""
+def _data_config(model_dir: str) -> tuple[DataConfig, str]:
+  """The data settings the model was trained with (defaults without a train_config.json), and
+  where they came from."""
   path = os.path.join(model_dir, "train_config.json")
-  return load_train_config(path).data if os.path.exists(path) else DataConfig()
+  if os.path.exists(path):
+    return load_train_config(path).data, path
+  return DataConfig(), f"the training defaults (no train_config.json in {model_dir})"
 
 
 def _write_json(result: dict, path: str) -> None:
@@ -71,12 +80,20 @@ def main(argv):
     loaded.model_config = loaded.model_config.replace(attention_block=_BLOCK.value)
     if loaded.tokenizer is None:
       raise ValueError(f"{_MODEL.value} has no tokenizer.json")
-    data = _data_config(_MODEL.value)
+    data, source_of = _data_config(_MODEL.value)
+    doc_tokens = (data.min_doc_tokens if _MIN_DOC.value is None else _MIN_DOC.value,
+                  data.max_doc_tokens if _MAX_DOC.value is None else _MAX_DOC.value)
+    if not 0 < doc_tokens[0] <= doc_tokens[1]:
+      raise ValueError(f"documents of {doc_tokens[0]}-{doc_tokens[1]} tokens: need "
+                       f"0 < --min_doc_tokens <= --max_doc_tokens")
+    print(f"documents of {doc_tokens[0]}-{doc_tokens[1]} tokens"
+          + ("" if (_MIN_DOC.value, _MAX_DOC.value) == (None, None) else " (flags)")
+          + f"; data settings from {source_of}", flush=True)
     tokenizer = loaded.tokenizer
     doc_id_max = data.doc_id_max if _DOC_ID_MAX.value is None else _DOC_ID_MAX.value
     align_to = loaded.msa_config.doc_align_to
     source = SyntheticRecords(((_TASK.value, 1.0),), _SEED.value, _NUM.value, _MEMORY.value,
-                              data.min_doc_tokens, data.max_doc_tokens, None,
+                              *doc_tokens, None,
                               document_length_fn(tokenizer, align_to), doc_id_max, align_to)
     records = [source[i] for i in range(_NUM.value)]
     start = time.perf_counter()
@@ -87,7 +104,7 @@ def main(argv):
   result["settings"] = {"model": _MODEL.value, "task": _TASK.value,
                         "memory_tokens": _MEMORY.value, "num_samples": _NUM.value,
                         "seed": _SEED.value, "doc_id_max": doc_id_max,
-                        "doc_tokens": [data.min_doc_tokens, data.max_doc_tokens],
+                        "doc_tokens": list(doc_tokens),
                         "seconds": round(time.perf_counter() - start, 1)}
   print(format_table(result))
   if _OUT.value:
