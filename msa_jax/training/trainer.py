@@ -78,7 +78,7 @@ def resolve_mesh_shape(shape, device_count: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def _to_global(batch, mesh):
+def to_global_batch(batch, mesh):
   """Host batch (this process's rows) -> global arrays split over (data, fsdp)."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, workdir: str,
               f"memory {phase.memory_tokens}")
     memory, prompt = next(batches)
     tokens = _tokens(memory, prompt)
-    state, metrics = step_fn(state, *_to_global((memory, prompt), mesh))
+    state, metrics = step_fn(state, *to_global_batch((memory, prompt), mesh))
     step += 1
     metrics["lr"] = schedule(phase_step)
     phase_end = step == cfg.phase_start(index + 1)
