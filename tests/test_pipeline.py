@@ -323,3 +323,25 @@ def test_one_worker_matches_in_process_and_resumes(tok, absl_flags_parsed):
     _assert_batches_equal(_take(resumed, 3), expected[2:])
   finally:
     resumed.close()
+
+
+def test_long_document_share_is_per_record_and_reproducible():
+  """`long_doc_fraction` makes about that share of records long (every document within
+  `long_max_doc_tokens`, some beyond `max_doc_tokens`), the rest short (all within it), decided
+  by (seed, index) alone; with the share at 0 no record is long."""
+  world = world_tokenizer()
+  data = DataConfig(tasks={"fact_lookup": 1.0, "multi_hop": 1.0}, min_doc_tokens=16,
+                    max_doc_tokens=48, long_doc_fraction=0.3, long_max_doc_tokens=160,
+                    num_records=200, max_docs=128)
+  phase = PhaseConfig(name="p", steps=1, peak_lr=1e-3, end_lr=1e-4, memory_tokens=1024)
+  source = data_setup.record_source(data, phase, world, seed=3)
+  longest = [max(len(world.encode(d)) for d in source[i].documents) for i in range(200)]
+  long = [source.doc_tokens_of(i) == 160 for i in range(200)]
+  assert 0.2 < np.mean(long) < 0.4
+  assert all(n <= (160 if is_long else 48) for n, is_long in zip(longest, long))
+  assert np.mean([n > 48 for n, is_long in zip(longest, long) if is_long]) > 0.9
+  again = data_setup.record_source(data, phase, world, seed=3)
+  assert again[17] == source[17]
+  short = data_setup.record_source(dataclasses.replace(data, long_doc_fraction=0.0), phase, world,
+                                   seed=3)
+  assert max(max(len(world.encode(d)) for d in short[i].documents) for i in range(50)) <= 48

@@ -147,6 +147,10 @@ def test_phase_loss_weights_reach_the_objective():
     (_config(mesh=[8, 1]), r"mesh must give \(data, fsdp, tensor\)"),
     (_config(data={"tasks": {"fact_lookup": 1.0, "multihop": 1.0}}),
      r"data.tasks: unknown synthetic task\(s\) \['multihop'\]; known: fact_lookup, multi_hop"),
+    (_config(data={"long_doc_fraction": 1.5, "long_max_doc_tokens": 2048}),
+     r"data.long_doc_fraction must be in \[0, 1\], got 1.5"),
+    (_config(data={"long_doc_fraction": 0.2, "max_doc_tokens": 64}),
+     r"data.long_max_doc_tokens \(0\) must exceed data.max_doc_tokens \(64\)"),
 ])
 def test_run_level_validation(d, message):
   with pytest.raises(TrainConfigError, match=message):

@@ -62,7 +62,11 @@ class SyntheticRecords:
   documents, N drawn log-uniformly between the record's document count and `doc_id_max`, so the
   ids are distinct draws from 0..N-1 (drawn from (seed, i)): the model sees ids of every width a
   bank of up to `doc_id_max` documents has, in the proportions such banks have them. `align_to`
-  is the documents' layout (`MSAConfig.doc_align_to`), the one `length_fn` counts."""
+  is the documents' layout (`MSAConfig.doc_align_to`), the one `length_fn` counts.
+
+  With `long_doc_fraction` > 0 that share of records (drawn from (seed, i)) has documents of
+  up to `long_max_doc_tokens` instead of `max_doc_tokens`: a whole record is short or long, so
+  short records keep their many distractors."""
 
   tasks: tuple[tuple[str, float], ...]
   seed: int
@@ -74,9 +78,18 @@ class SyntheticRecords:
   length_fn: Callable[[str], int]
   doc_id_max: int = 0
   align_to: int = 0
+  long_doc_fraction: float = 0.0
+  long_max_doc_tokens: int = 0
 
   def __len__(self) -> int:
     return self.num_records
+
+  def doc_tokens_of(self, index: int) -> int:
+    """The longest document record `index` may hold."""
+    if (self.long_doc_fraction
+        and np.random.default_rng([self.seed, index, 2]).random() < self.long_doc_fraction):
+      return self.long_max_doc_tokens
+    return self.max_doc_tokens
 
   def __getitem__(self, index: int) -> Record:
     if not 0 <= index < self.num_records:
@@ -86,7 +99,8 @@ class SyntheticRecords:
       length_fn = _widest_id_length(self.length_fn, len(str(self.doc_id_max - 1)))
     record = generate_mix(dict(self.tasks), self.seed, index,
                           memory_tokens=self.memory_tokens, length_fn=length_fn,
-                          min_doc_tokens=self.min_doc_tokens, max_doc_tokens=self.max_doc_tokens,
+                          min_doc_tokens=self.min_doc_tokens,
+                          max_doc_tokens=self.doc_tokens_of(index),
                           max_docs=self.max_docs, align_to=self.align_to)
     if not self.doc_id_max:
       return record
@@ -104,7 +118,8 @@ def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *,
   if data.source == "synthetic":
     return SyntheticRecords(tuple(sorted(data.tasks.items())), seed, data.num_records,
                             memory_tokens, data.min_doc_tokens, data.max_doc_tokens,
-                            data.max_docs, length_fn, data.doc_id_max, align_to)
+                            data.max_docs, length_fn, data.doc_id_max, align_to,
+                            data.long_doc_fraction, data.long_max_doc_tokens)
   if data.source == "jsonl":
     return JsonlRecords(data.path)
   bench = read_official(data.memory_path, data.queries_path, allow_pickle=data.allow_pickle)

@@ -49,6 +49,10 @@ class DataConfig:
   tokenizer: str = "world"
   min_doc_tokens: int = 16
   max_doc_tokens: int = 1024
+  # a share of synthetic records whose documents run to long_max_doc_tokens instead: short
+  # documents give many distractors per memory, long ones keep copying from long text
+  long_doc_fraction: float = 0.0
+  long_max_doc_tokens: int = 0
   num_records: int = 1_000_000
   doc_id_max: int = 0  # > 0: synthetic memories are random subsets of a bank of up to this size
   answer_fraction: float | None = None  # share of answer steps (None: uniform over steps)
@@ -174,6 +178,12 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
   if cfg.data.source == "synthetic" and unknown:
     raise TrainConfigError(f"data.tasks: unknown synthetic task(s) {unknown}; known: "
                            f"{', '.join(TASKS)}")
+  d = cfg.data
+  if not 0.0 <= d.long_doc_fraction <= 1.0:
+    raise TrainConfigError(f"data.long_doc_fraction must be in [0, 1], got {d.long_doc_fraction}")
+  if d.long_doc_fraction and d.long_max_doc_tokens <= d.max_doc_tokens:
+    raise TrainConfigError(f"data.long_max_doc_tokens ({d.long_max_doc_tokens}) must exceed "
+                           f"data.max_doc_tokens ({d.max_doc_tokens}) when long_doc_fraction > 0")
   if cfg.data.batch_size <= 0:
     raise TrainConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
   if len(cfg.mesh) != 3:
