@@ -164,3 +164,36 @@ def test_profiles_name_layers_blocks_and_streams(scan):
   first = "block_0_2" if scan else "layer_0"
   for name in (first, "memory_stream", "prompt_stream", "route", "gather"):
     assert name in text, name
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_embedding_gradient_accumulates_in_float32(param_dtype):
+  """The embedding's forward is the bf16-cast table row, and its gradient (a scatter-add of each
+  token's cotangent into the table) sums colliding rows in float32: 4,096 tokens over 8 rows,
+  against a float64 np.add.at oracle. Summed in bf16 (8 significant bits) such sums are off by
+  ~1e-2 relative; float32 leaves ~1e-6."""
+  model_cfg, msa_cfg = cfglib.preset("tiny")
+  model_cfg = model_cfg.replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+  model = MSAForCausalLM(model_cfg, msa_cfg)
+  tokens = jax.random.randint(jax.random.key(1), (4, 1024), 0, 8)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), plain_prompt(tokens[:, :8]))["params"])
+  table = params["embed_tokens"]["embedding"]
+  cotangent = jax.random.normal(jax.random.key(2), tokens.shape + (model_cfg.hidden_size,),
+                                jnp.bfloat16)
+
+  def embed(table):
+    p = {**params, "embed_tokens": {"embedding": table}}
+    return model.apply({"params": p}, tokens, method=lambda m, t: m._embed(t))
+
+  x, vjp = jax.vjp(embed, table)
+  assert x.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(x, np.float32),
+                                np.asarray(table.astype(jnp.bfloat16)[tokens], np.float32))
+  (grad,) = vjp(cotangent)
+  assert grad.dtype == table.dtype
+  oracle = np.zeros(table.shape, np.float64)
+  np.add.at(oracle, np.asarray(tokens).ravel(),
+            np.asarray(cotangent, np.float64).reshape(-1, model_cfg.hidden_size))
+  rtol = 1e-5 if param_dtype == "float32" else 2 ** -8  # a bf16 table rounds the float32 sum once
+  np.testing.assert_allclose(np.asarray(grad, np.float64), oracle, rtol=rtol,
+                             atol=rtol * np.abs(oracle).max())
