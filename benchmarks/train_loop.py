@@ -6,7 +6,8 @@ measures, in one process, side by side:
   pipeline   batches/s the config's grain pipeline delivers alone, at each worker count asked for
   device     the jitted train step on one batch already on the device, back to back (the floor
              the pipeline would have to beat)
-  loop       the trainer's loop: next batch, host->device, step (what a run sees)
+  loop       the trainer's loop: next batch, host->device, step (what a run sees); a step on a
+             bucket shape not compiled yet is left out of the mean and counted (`loop_compiles`)
 
 and, with `profile_dir`, a `jax.profiler` trace of a few device steps whose device events are summed
 by op name (the top ones go in the report), so the report says what bounds a step without opening a
@@ -48,6 +49,11 @@ class LoopSettings:
   profile_dir: str | None = None
   profile_steps: int = 5
   top_ops: int = 25
+
+
+def _shapes(host_batch) -> tuple:
+  """The batch's array shapes: a new combination of buckets means a new compilation."""
+  return tuple(np.shape(x) for x in jax.tree.leaves(host_batch))
 
 
 def _median_interval(times: list[float]) -> float:
@@ -137,13 +143,32 @@ def run(settings: LoopSettings, printer=print) -> dict[str, Any]:
     stamps.append(time.perf_counter())
   report["device_step_s"] = _median_interval(stamps)
 
+  seen = {_shapes(host_batch)}
+  loop_s, timed, compiles = 0.0, 0, 0
   start = time.perf_counter()
   for _ in range(settings.steps):
-    state, metrics = step(state, *to_global_batch(next(batches), mesh))
+    host_batch = next(batches)
+    if _shapes(host_batch) in seen:
+      state, metrics = step(state, *to_global_batch(host_batch, mesh))
+      timed += 1
+      continue
+    # a bucket shape not compiled yet: its step compiles, which a long run pays once, so it is
+    # timed apart (the device is drained before and after it)
+    jax.block_until_ready(metrics)
+    loop_s += time.perf_counter() - start
+    state, metrics = step(state, *to_global_batch(host_batch, mesh))
+    jax.block_until_ready(metrics)
+    seen.add(_shapes(host_batch))
+    compiles += 1
+    start = time.perf_counter()
   jax.block_until_ready(metrics)
-  report["loop_step_s"] = (time.perf_counter() - start) / settings.steps
+  loop_s += time.perf_counter() - start
+  report["loop_step_s"] = loop_s / timed if timed else float("nan")
+  report["loop_steps_timed"], report["loop_compiles"] = timed, compiles
+  report["batch_shapes_seen"] = len(seen)
   printer(f"device step {report['device_step_s'] * 1e3:.1f} ms (resident batch), loop "
-          f"{report['loop_step_s'] * 1e3:.1f} ms/step, first step {report['first_step_s']:.1f} s")
+          f"{report['loop_step_s'] * 1e3:.1f} ms/step over {timed} steps ({compiles} new bucket "
+          f"shapes compiled, not timed), first step {report['first_step_s']:.1f} s")
 
   if settings.profile_dir:
     with jax.profiler.trace(settings.profile_dir, create_perfetto_trace=True):

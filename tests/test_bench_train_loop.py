@@ -37,3 +37,17 @@ def test_trace_summary_sums_device_ops(tmp_path):
 
 def test_trace_summary_says_when_there_is_no_trace(tmp_path):
   assert "no *.trace.json.gz" in train_loop.summarize_trace(str(tmp_path), top=5)["error"]
+
+
+def test_loop_times_compiled_shapes_and_counts_new_ones():
+  """The smoke config's two prompt buckets give the loop batches of a shape not yet
+  compiled: each is counted, not timed, and every other step is timed."""
+  config = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
+                        "tiny_synthetic_smoke.json")
+  report = train_loop.run(train_loop.LoopSettings(config, steps=8),
+                          printer=lambda *_: None)
+  assert report["loop_steps_timed"] + report["loop_compiles"] == 8
+  assert report["loop_compiles"] == report["batch_shapes_seen"] - 1
+  assert report["loop_compiles"] >= 1  # seed 0 draws both prompt buckets
+  assert 0 < report["device_step_s"] and 0 < report["loop_step_s"]
+  assert report["pipeline"][0]["workers"] == 0 and report["pipeline"][0]["batch_s"] > 0
