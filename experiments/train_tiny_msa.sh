@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recorded commands that train the shipped tiny MSA model (models/tiny_msa), in five stages on
+# The recorded commands that train the shipped tiny MSA model (models/tiny_msa), in six stages on
 # one GPU (H200 times):
 #   base    experiments/configs/tiny_msa.json          6,000 steps from scratch (~22 min): router
 #   recall  experiments/configs/tiny_msa_recall.json   1,600 steps from base (~5 min)
@@ -11,19 +11,23 @@
 #           LM + answer + 0.2 aux, 50% answer steps, 512-token memories then 2K. The device budget
 #           ended it at step 3,843, so the recorded command pauses there.
 #   extend  experiments/configs/tiny_msa_extend.json   2,558 of its 6,000 steps from aligned (~7 min
-#           alone on the GPU): the shipped model. 2K-token memories, lr 7e-4 -> 5e-5, fresh data
-#           seed. The device budget ended it at step 2,558, so the recorded command pauses there.
-#           Steps 0-1,519 ran with 512-token attention tiles, the rest with 256 (the recorded
-#           command uses 256 throughout: the same maths, float sums in another order).
+#           alone on the GPU). 2K-token memories, lr 7e-4 -> 5e-5, fresh data seed. The device
+#           budget ended it at step 2,558, so the recorded command pauses there. Steps 0-1,519 ran
+#           with 512-token attention tiles, the rest with 256 (the recorded command uses 256
+#           throughout: the same maths, float sums in another order).
+#   mixed   experiments/configs/tiny_msa_mixed.json    1,745 of its 4,200 steps from extend (~5 min
+#           alone on the GPU): the shipped model. A quarter of the records hold documents of up to
+#           224 tokens (data.long_doc_fraction), the rest 16-64; 2K memories (its 8K phase was not
+#           reached), lr 5e-4 -> 1e-4, fresh data seed. The device budget ended it at step 1,745.
 # Each stage writes WORKDIR/<stage>/final (a paused stage: WORKDIR/<stage>/snapshot); a later
 # stage continues from the previous one.
 # Jobs with a time limit add --pause_after_step=N (extra args are passed on) and rerun the same
 # command: a resumed run continues bit-identically.
 #   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run                 # all stages
 #   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run answer          # one stage
-#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval            # evaluate extend/snapshot
+#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval            # evaluate mixed/snapshot
 set -euo pipefail
-WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [base|recall|answer|aligned|extend|eval] [train.py flags]}
+WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [base|recall|answer|aligned|extend|mixed|eval] [train.py flags]}
 WHAT=${2:-all}
 stage() {  # stage NAME CONFIG [PREVIOUS]
   local init=()
@@ -40,16 +44,18 @@ case "$WHAT" in
        stage answer tiny_msa_answer.json recall "${@:3}"
        stage aligned tiny_msa_aligned.json answer --pause_after_step=3843 "${@:3}"
        stage extend tiny_msa_extend.json aligned --pause_after_step=2558 \
-             --set=model.overrides.attention_block=256 "${@:3}" ;;
+             --set=model.overrides.attention_block=256 "${@:3}"
+       stage mixed tiny_msa_mixed.json extend --pause_after_step=1745 "${@:3}" ;;
   base) stage base tiny_msa.json "" "${@:3}" ;;
   recall) stage recall tiny_msa_recall.json base "${@:3}" ;;
   answer) stage answer tiny_msa_answer.json recall "${@:3}" ;;
   aligned) stage aligned tiny_msa_aligned.json answer --pause_after_step=3843 "${@:3}" ;;
   extend) stage extend tiny_msa_extend.json aligned --pause_after_step=2558 \
               --set=model.overrides.attention_block=256 "${@:3}" ;;
+  mixed) stage mixed tiny_msa_mixed.json extend --pause_after_step=1745 "${@:3}" ;;
   eval)
     for task in fact_lookup multi_hop niah_single; do
-      python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/extend/snapshot" --task=$task \
+      python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/mixed/snapshot" --task=$task \
           --memory_tokens=16384 --num_records="${EVAL_RECORDS:-48}" --seed=1000 --batch_size=16 \
           --max_doc_tokens=64 --out="$WORKDIR/eval_${task}_16k.json"
     done ;;

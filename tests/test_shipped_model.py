@@ -1,19 +1,22 @@
 """The shipped tiny model (models/tiny_msa): it is the recorded run, and it has not regressed.
 
 The regression test asks fixed held-out questions over 1K-token memories (seed 4242; the training
-seeds are 200-300), teacher-forced (msa_jax.training.probe) and decoded (answer EM given the
-retrieved text, msa_jax.training.eval_memory_qa), each model in its own document layout. Its floors
-lie between the shipped model's figures and those of the model it replaced (git 9532da4, the
-aligned stage), measured on the same questions (2026-12-02, CPU):
+seeds are 200-400), teacher-forced (msa_jax.training.probe) and decoded (answer EM given the
+retrieved text, msa_jax.evaluation), each model in its own document layout. Its floors lie between
+the shipped model's figures and those of the model it replaced (git a51fec6, the extend stage),
+measured on the same questions (2026-12-02, CPU); where the shipped model did not gain, the floor
+stays where the stage before set it:
 
-                                       replaced  shipped  floor
-  fact lookup answer-token acc           0.78     0.91    0.85
-  fact lookup answer logprob            -0.59    -0.34   -0.45
-  fact lookup id-digit acc               0.38     0.69    0.55
-  fact lookup id-digit logprob          -1.61    -0.83   -1.20
-  multi-hop answer logprob              -0.73    -0.11   -0.40
-  multi-hop router recall@1              0.96     1.00    0.90
-  fact lookup answer EM (24 questions)   0.75     0.875   0.80
+                                                  replaced  shipped  floor
+  fact lookup answer-token acc                      0.91     0.87    0.85
+  fact lookup answer logprob                       -0.34    -0.35   -0.45
+  fact lookup id-digit acc                          0.69     0.84    0.76
+  fact lookup id-digit logprob                     -0.83    -0.38   -0.60
+  multi-hop answer logprob                         -0.11    -0.09   -0.40
+  multi-hop router recall@1                         1.00     1.00    0.90
+  fact lookup answer EM (24 questions)              0.875    0.875   0.80
+  documents of 16-224 tokens: answer-token acc      0.61     0.91    0.80
+  documents of 16-224 tokens: answer logprob       -2.30    -0.22   -1.00
 
 The issue's goal (EM >= 0.9 end to end) is not reached yet: BENCHMARKS.md says why.
 """
@@ -40,8 +43,7 @@ MODEL = os.path.join(ROOT, "models", "tiny_msa")
 def test_shipped_model_is_the_recorded_run():
   loaded = msa_jax.load(MODEL)
   recorded_cfg = load_train_config(  # it restates the base stage's shapes
-      os.path.join(ROOT, "experiments", "configs", "tiny_msa_extend.json"),
-      ["model.overrides.attention_block=256"])  # as train_tiny_msa.sh runs it
+      os.path.join(ROOT, "experiments", "configs", "tiny_msa_mixed.json"))
   model_cfg, msa_cfg = model_configs(recorded_cfg.model, loaded.tokenizer.vocab_size)
   assert loaded.model_config == model_cfg
   assert loaded.msa_config.replace(rec_loss_weight=0.0) == msa_cfg
@@ -49,16 +51,16 @@ def test_shipped_model_is_the_recorded_run():
   recorded = config_to_dict(recorded_cfg)
   with open(os.path.join(MODEL, "train_config.json")) as f:
     shipped = config_to_dict(config_from_dict(json.load(f)))
-  assert "tiny_msa" in shipped["model"].pop("init_from")  # continued from the aligned stage
+  assert "tiny_msa" in shipped["model"].pop("init_from")  # continued from the extend stage
   recorded["model"].pop("init_from")
   assert shipped == recorded  # the shipped model is this run
   with open(os.path.join(MODEL, "training_metrics.jsonl")) as f:
     last = json.loads(f.readlines()[-1])
-  assert last["step"] == 2558  # where the recorded command pauses (train_tiny_msa.sh)
+  assert last["step"] == 1745  # where the recorded command pauses (train_tiny_msa.sh)
 
 
-def _held_out(tokenizer, task, n, align_to):
-  source = SyntheticRecords(((task, 1.0),), 4242, n, 1024, 16, 64, None,
+def _held_out(tokenizer, task, n, align_to, max_doc_tokens=64):
+  source = SyntheticRecords(((task, 1.0),), 4242, n, 1024, 16, max_doc_tokens, None,
                             document_length_fn(tokenizer, align_to), 100000, align_to)
   return [source[i] for i in range(n)]
 
@@ -71,12 +73,17 @@ def test_shipped_model_has_not_regressed():
   assert facts["answer"]["format"]["accuracy"] == 1.0
   assert facts["answer"]["answer"]["accuracy"] >= 0.85
   assert facts["answer"]["answer"]["mean_logprob"] >= -0.45
-  assert facts["retrieval"]["id_digits"]["accuracy"] >= 0.55
-  assert facts["retrieval"]["id_digits"]["mean_logprob"] >= -1.20
+  assert facts["retrieval"]["id_digits"]["accuracy"] >= 0.76
+  assert facts["retrieval"]["id_digits"]["mean_logprob"] >= -0.60
   chains = probe(loaded.model, loaded.params, tok, _held_out(tok, "multi_hop", 8, align_to),
                  batch_size=16)
   assert chains["metrics"]["normal"]["answer"]["answer"]["mean_logprob"] >= -0.40
   assert min(chains["router_recall@1"]["retrieval"].values()) >= 0.90
+  longer = probe(loaded.model, loaded.params, tok,
+                 _held_out(tok, "fact_lookup", 16, align_to, max_doc_tokens=224),
+                 batch_size=16)["metrics"]["normal"]["answer"]["answer"]
+  assert longer["accuracy"] >= 0.80  # copying from documents longer than 64 tokens
+  assert longer["mean_logprob"] >= -1.00
 
 
 def test_shipped_model_answers_held_out_questions():
