@@ -51,6 +51,21 @@ def test_smoke_config_parses():
   assert cfg.optimizer.clip_norm == 1.0 and cfg.ce_chunk_size == 1024
 
 
+CONFIG_DIR = os.path.dirname(SMOKE_CONFIG)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")))
+def test_every_shipped_config_parses_and_builds_its_model_config(name):
+  """A config a README or script names must load, validate and build its model and MSA configs
+  (a stage's init_from is left out: it names a checkpoint that a run makes)."""
+  from msa_jax.training.model_setup import model_configs
+  cfg = load_train_config(os.path.join(CONFIG_DIR, name), ["model.init_from="])
+  model_cfg, msa_cfg = model_configs(cfg.model, 828)
+  assert cfg.total_steps > 0 and model_cfg.num_layers > max(msa_cfg.router_layers, default=-1)
+  for phase in cfg.phases:
+    assert max(phase.buckets) >= phase.memory_tokens
+
+
 def test_config_round_trips_through_dict():
   cfg = config_from_dict(_config(mesh=[2, -1, 1], data={"batch_size": 4, "tasks": {"niah_single": 1.0}}))
   again = config_from_dict(config_to_dict(cfg))
