@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from msa_jax.config import ModelConfig, MSAConfig
 from msa_jax.data.batch import plain_prompt
 from msa_jax.model.layer import MSADecoderLayer
-from msa_jax.model.layers import RMSNorm, dtype_of
+from msa_jax.model.layers import RMSNorm, dtype_of, embedding_lookup
 from msa_jax.model.memory_view import MemoryView
 
 # the layer methods a scanned block runs
@@ -138,13 +138,10 @@ class MSAForCausalLM(nn.Module):
           (c.hidden_size, c.vocab_size), dtype_of(c.param_dtype))
 
   def _embed(self, tokens):
-    """Rows gathered from the table in float32, then cast to the compute dtype: the same values as
-    `nn.Embed` (which casts the table first), but the gather's gradient, a scatter-add of every
-    token's row into the table, then accumulates in float32. In bf16 that scatter has no native
-    GPU atomics and a small vocabulary makes rows collide: 80 ms of a 431 ms train step on the
-    25M-param variant (bench_train_loop profile, H200, 2026-12-02)."""
-    table = self.embed_tokens.embedding.astype(jnp.float32)
-    x = jnp.take(table, tokens, axis=0).astype(dtype_of(self.config.compute_dtype))
+    """`nn.Embed`'s values (a table row cast to the compute dtype), with a float32 gradient sum
+    (`embedding_lookup`)."""
+    x = embedding_lookup(self.embed_tokens.embedding, tokens)
+    x = x.astype(dtype_of(self.config.compute_dtype))
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
   def _run_layers(self, method: str, carry, batch, view=None):
