@@ -5,8 +5,6 @@ layer's selection, and the tool binary writes JSON or fails with one clear line.
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -24,6 +22,7 @@ from msa_jax.model.forced_view import ForcedView, force_selection
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import stack_layers
 from msa_jax.training import probe as P
+from tests.binary_runner import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = world_tokenizer()
@@ -218,8 +217,7 @@ def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
 def _run_tool(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, "tools/probe.py", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return run_python(["tools/probe.py", *args], cwd=ROOT, env=env, timeout=300)
 
 
 def test_tool_writes_json_and_fails_clearly_without_a_model(tmp_path):
