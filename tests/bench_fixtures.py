@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.binary_runner import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def assert_flags_refused(binary: str, out_flag: str, out_path: str, *bad: str, match: str) -> None:
   """`experiments/<binary>` with the `bad` flags exits non-zero naming the problem, writes nothing
   to `out_path`, and never gets as far as a traceback."""
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", binary), *bad,
-                           f"--{out_flag}={out_path}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  result = run_python([os.path.join(ROOT, "experiments", binary), *bad, f"--{out_flag}={out_path}"],
+                      cwd=ROOT, timeout=300,
+                      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0, result.stdout[-2000:]
   assert match in result.stderr, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]

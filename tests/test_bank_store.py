@@ -7,8 +7,6 @@ bad corpora fail with clear errors and lose nothing."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -31,6 +29,7 @@ from msa_jax.memory.encode import encode_corpus
 from msa_jax.model import entry_points, router_keys
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.training.model_setup import dummy_batch
+from tests.binary_runner import run_python
 
 ROW_TOKENS, BATCH_ROWS = 128, 2
 ROWS_PER_CHUNK = 16  # storage chunks much smaller than the bank: batches end inside chunks
@@ -297,10 +296,9 @@ def test_a_format_2_bank_is_refused_and_converts(setup, tmp_path):
   assert bank.document_text(2) == exact.document_text(2)
   with pytest.raises(BankError, match="already exists"):
     convert_bank(str(old), str(tmp_path / "bf16"), log=lambda s: None)
-  run = subprocess.run([sys.executable, "tools/convert_bank.py", f"--bank={tmp_path / 'bf16'}",
-                        f"--out={tmp_path / 'int8'}", "--key_dtype=int8"], cwd=ROOT,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                       timeout=300)
+  run = run_python(["tools/convert_bank.py", f"--bank={tmp_path / 'bf16'}",
+                    f"--out={tmp_path / 'int8'}", "--key_dtype=int8"], cwd=ROOT,
+                   env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert run.returncode == 0, run.stderr
   bank = open_bank(str(tmp_path / "int8"), verify="full")
   assert bank.router_key_dtype == "int8" and "router_key_scales" in bank.array_shapes()
@@ -327,10 +325,8 @@ def test_a_format_3_bank_is_refused_and_converts_to_what_an_encode_writes(setup,
     open_bank(str(old))
   with pytest.raises(BankError, match=message):  # nor is it appended to
     _encode(setup, ["moon"], old, append=True)
-  run = subprocess.run([sys.executable, "tools/convert_bank.py", f"--bank={old}",
-                        f"--out={tmp_path / 'new'}"], cwd=ROOT,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                       timeout=300)
+  run = run_python(["tools/convert_bank.py", f"--bank={old}", f"--out={tmp_path / 'new'}"],
+                   cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert run.returncode == 0, run.stderr
   _assert_same_bank(tmp_path / "new", ref)
   bank = open_bank(str(tmp_path / "new"), model.config, model.msa, params=params, verify="full")

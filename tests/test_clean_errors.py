@@ -6,8 +6,6 @@ before the model loads)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from msa_jax.checkpoint.errors import CheckpointError
 from msa_jax.memory import manifest as mf
 from msa_jax.memory.encode import encode_corpus
 from msa_jax.training.checkpointing import TrainCheckpoints
+from tests.binary_runner import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "models", "tiny_msa")
@@ -24,9 +23,8 @@ TINY = os.path.join(ROOT, "models", "tiny_msa")
 
 def _error_line(script, *args):
   """The one line a failing binary printed (asserting there is no traceback)."""
-  result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  result = run_python([os.path.join(ROOT, script), *args], cwd=ROOT, timeout=300,
+                      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   name = os.path.splitext(os.path.basename(script))[0]

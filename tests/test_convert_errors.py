@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from msa_jax.checkpoint import convert
 from msa_jax.checkpoint.convert import hf_to_msa_jax, msa_jax_to_hf
 from msa_jax.checkpoint.errors import CheckpointError
 from msa_jax.checkpoint.safetensors_dir import INDEX_FILE, SINGLE_FILE
+from tests.binary_runner import run_python
 from tests.hf_fixtures import make_msa, make_qwen3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -549,10 +548,10 @@ def test_cli_reports_a_bad_checkpoint(src, out):
   edit_tensors(q, lambda t: t.pop(UP_PROJ_1))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO,
                                                                   os.environ.get("PYTHONPATH")])))
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"),
+  result = run_python(
+      [os.path.join(REPO, "tools", "convert_checkpoint.py"),
        "--direction=hf_to_msa_jax", f"--input={q}", f"--output={out}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+      cwd=REPO, env=env, timeout=300)
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1].startswith(f"convert_checkpoint: {q}: missing "
                                                             f"tensors (1): ['{UP_PROJ_1}']")

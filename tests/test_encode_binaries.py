@@ -3,20 +3,18 @@ text files, inspect with full verification; a bad corpus exits with a clear mess
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
 from msa_jax.memory import open_bank
+from tests.binary_runner import run_python
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  return run_python(args, cwd=ROOT, env=env, timeout=300)
 
 
 def test_encode_append_and_inspect_on_the_tiny_model(tmp_path):

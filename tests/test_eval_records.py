@@ -4,6 +4,7 @@ written here), its router recall@n ranks every document by the training forward'
 oracle; n beyond the k a selection holds), and its rows carry `metrics.score_answer`'s metrics."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -43,18 +44,28 @@ def _batch(samples, model):
                      vocab_size=model.config.vocab_size)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(model):
+  """The oracle's entry points, jitted once per model: every call has the same padded shapes
+  (SHAPES), so each compiles once instead of running op by op (the same computation)."""
+  return (jax.jit(lambda p, m, h: entry_points.encode_memory(model, p, m, h).view),
+          jax.jit(lambda p, q, v: entry_points.prefill(model, p, q, v)[0]),
+          jax.jit(lambda p, m, q: entry_points.forward(model, p, m, q)))
+
+
 def _greedy_by_prefill(model, params, sample, stop_id):
   """Greedy tokens continuing `sample`'s prompt, each step a fresh prefill of the whole prompt
   over the sample's own encoded memory."""
+  encode, prefill, _ = _jitted(model)
   memory, _ = _batch([sample], model)
   head = jnp.asarray(TOKENIZER.encode(pf.TEMPLATE_HEAD), jnp.int32)
-  view = entry_points.encode_memory(model, params, memory, head).view
+  view = encode(params, memory, head)
   written = []
   for _ in range(SHAPES.max_new_tokens):
     grown = dataclasses.replace(sample, answer=list(sample.answer) + written, answer_target=(),
                                 answer_value=())
     _, prompt = _batch([grown], model)
-    logits, _ = entry_points.prefill(model, params, prompt, view)
+    logits = prefill(params, prompt, view)
     last = int(np.asarray(prompt.segment_ids)[0].sum()) - 1
     written.append(int(np.argmax(np.asarray(logits)[0, last])))
     if written[-1] == stop_id:
@@ -91,7 +102,7 @@ def test_generations_recall_and_metrics_against_oracles(setup):
     assert {k: row[k] for k in want} == want
     # router recall@n over every document of the training forward, for n up to 16 > k = 2
     memory, prompt = _batch([retrieve], model)
-    fwd = entry_points.forward(model, params, memory, prompt)
+    fwd = _jitted(model)[2](params, memory, prompt)
     positives = np.zeros(fwd.doc_scores.shape[-1], bool)
     positives[list(retrieve.positive_docs)] = True
     for r, layer in enumerate(model.msa.router_layers):

@@ -7,8 +7,6 @@ import dataclasses
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -22,6 +20,7 @@ from msa_jax.inference.serving import open_server
 from msa_jax.memory import BankError
 from msa_jax.memory.corpus import Document
 from msa_jax.memory.encode import encode_corpus
+from tests.binary_runner import run_python
 from tests.judge_fixtures import FakeJudgeServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,9 +67,8 @@ def query_file(memory, tmp_path_factory):
 
 
 def _run(script, *args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args],
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "PYTHONPATH": ROOT})
+  return run_python([os.path.join(ROOT, "experiments", script), *args], cwd=os.getcwd(),
+                    timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
 
 
 def test_synthetic_memory_levels(loaded):

@@ -3,8 +3,6 @@ CPU writes its curve."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from msa_jax.data.synthetic import tasks
 from msa_jax.data.synthetic.world_tokenizer import world_tokenizer
 from msa_jax.training.in_context_recall import RecallSettings, make_batch, recall_sample
+from tests.binary_runner import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,13 +54,14 @@ def test_too_long_sample_is_refused():
 
 def test_binary_writes_curve(tmp_path):
   out = tmp_path / "recall"
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", "in_context_recall.py"),
+  cmd = [os.path.join(ROOT, "experiments", "in_context_recall.py"),
          "--hidden_size=32", "--num_layers=1", "--steps=2", "--batch_size=2", "--eval_every=1",
          "--eval_size=2", "--seq_len=128", "--max_doc_tokens=32", f"--out={out}"]
-  subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+  run = run_python(cmd, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads((out / "recall.json").read_text())
   assert report["steps"] == [1, 2] and len(report["heldout_accuracy"]) == 2
   assert all(0.0 <= a <= 1.0 for a in report["heldout_accuracy"])
   assert (out / "recall.png").stat().st_size > 0
-  bad = subprocess.run(cmd[:2] + ["--steps=0"], capture_output=True, text=True, timeout=120)
+  bad = run_python(cmd[:1] + ["--steps=0"], timeout=120)
   assert bad.returncode != 0 and "steps must be positive" in bad.stderr

@@ -5,8 +5,6 @@ layer's selection, and the tool binary writes JSON or fails with one clear line.
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -24,6 +22,7 @@ from msa_jax.model.forced_view import ForcedView, force_selection
 from msa_jax.model.model import MSAForCausalLM
 from msa_jax.model.param_layout import stack_layers
 from msa_jax.training import probe as P
+from tests.binary_runner import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = world_tokenizer()
@@ -152,11 +151,12 @@ def test_probe_equals_a_numpy_oracle_over_the_training_forward():
         np.testing.assert_allclose(got, want, atol=1e-9, err_msg=kind)
   # gold_forced: the gold documents forced into the selection of a row-aligned prefill
   memory, prompt = _batch(normal, model)
-  view = entry_points.encode_memory(model, params, memory, TOKENIZER.encode(pf.TEMPLATE_HEAD)).view
+  encode, prefill, prefill_forced = _jitted(model)
+  view = encode(params, memory)
   gold = np.zeros((len(normal), view.layers.chunk_doc.shape[-1]), bool)
   for b, s in enumerate(normal):
     gold[b, list(s.positive_docs)] = True
-  logits, out = entry_points.prefill(model, params, prompt, ForcedView(view, gold))
+  logits, out = prefill_forced(params, prompt, view, gold)
   _accumulate(sums, "gold_forced", np.asarray(logits), prompt, steps)
   checked = set()
   for (cond, kind, cls), (count, correct, logp) in sums.items():
@@ -177,13 +177,13 @@ def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
   samples = [record_step_sample(generate("fact_lookup", 5, i, **SMALL), 0, TOKENIZER)
              for i in range(6)]
   memory, prompt = _batch(samples, model, seq_len_prompt=128)
-  view = entry_points.encode_memory(model, params, memory, TOKENIZER.encode(pf.TEMPLATE_HEAD)).view
+  encode, prefill, prefill_forced = _jitted(model, document_scores=True)
+  view = encode(params, memory)
   gold = np.zeros((len(samples), view.layers.chunk_doc.shape[-1]), bool)
   for b, s in enumerate(samples):
     gold[b, list(s.positive_docs)] = True
-  plain_logits, plain = entry_points.prefill(model, params, prompt, view, document_scores=True)
-  forced_logits, forced = entry_points.prefill(model, params, prompt, ForcedView(view, gold),
-                                               document_scores=True)
+  plain_logits, plain = prefill(params, prompt, view)
+  forced_logits, forced = prefill_forced(params, prompt, view, gold)
   cols = gold.shape[-1]
   selected = lambda o: np.asarray(jax.vmap(lambda s: s.mask(cols))(o.selection))  # [L, B, D]
   # the router's scores of the forced run (after the first router layer they see the forced
@@ -215,11 +215,21 @@ def test_forced_view_puts_the_gold_documents_in_every_layers_selection(scan):
   np.testing.assert_array_equal(diff[~changed], 0.0)
 
 
+def _jitted(model, document_scores=False):
+  """encode_memory, prefill and prefill over ForcedView(view, forced), each as one jitted call
+  (the same computation as running them op by op, compiled once instead of dispatched per op)."""
+  head = np.asarray(TOKENIZER.encode(pf.TEMPLATE_HEAD), np.int32)
+  return (jax.jit(lambda p, m: entry_points.encode_memory(model, p, m, head).view),
+          jax.jit(lambda p, q, v: entry_points.prefill(model, p, q, v,
+                                                       document_scores=document_scores)),
+          jax.jit(lambda p, q, v, g: entry_points.prefill(model, p, q, ForcedView(v, g),
+                                                          document_scores=document_scores)))
+
+
 def _run_tool(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, "tools/probe.py", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return run_python(["tools/probe.py", *args], cwd=ROOT, env=env, timeout=300)
 
 
 def test_tool_writes_json_and_fails_clearly_without_a_model(tmp_path):
