@@ -64,7 +64,10 @@ def retrieval_mode(config: InterleaveConfig) -> str:
   if config.router_only:
     return (f"router-only retrieval (top {config.router_docs} by router score, "
             f"{rounds(config.router_rounds)})")
-  ids = ", ids among the routed documents" if config.routed_ids else ""
+  ids = ""
+  if config.routed_ids:
+    ids = (f", ids among the {config.routed_choices} best routed" if config.routed_choices
+           else ", ids among the routed documents")
   return f"generative retrieval (Memory Interleave, up to {rounds(config.max_rounds)}{ids})"
 
 

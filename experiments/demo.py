@@ -36,6 +36,8 @@ _ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score
                                  "the model writes (models not trained to write ids).")
 _ROUTED_IDS = flags.DEFINE_bool("routed_ids", False, "Memory Interleave writes one id per round "
                                  "among the documents the router selected (constrained decoding).")
+_ROUTED_CHOICES = flags.DEFINE_integer("routed_choices", 0, "With --routed_ids: offer only this "
+                                       "many routed documents, best router score first (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", DemoSettings.batch_size, "Questions per prefill "
                               "(routing over the bank holds a [batch, prompt, chunks] score array: "
                               "mind the memory).")
@@ -58,7 +60,8 @@ def main(argv):
                           seed=_SEED.value, max_doc_tokens=_MAX_DOC.value,
                           interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value,
                                                       router_only=_ROUTER_ONLY.value,
-                                                      routed_ids=_ROUTED_IDS.value),
+                                                      routed_ids=_ROUTED_IDS.value,
+                                                      routed_choices=_ROUTED_CHOICES.value),
                           batch_size=_BATCH.value, memory_devices=_DEVICES.value)
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()

@@ -96,9 +96,43 @@ def test_driver_offers_the_routed_documents_not_yet_injected(tok):
   assert len(model.calls) == 1  # only the answer went through the free generate_fn
 
 
+def test_routed_choices_offers_the_best_scored_documents_only(tok):
+  display = [50, 51, 52, 53]
+  # best score per document over layers: 52 -> 0.9, 51 -> 0.7 (layer 4 beats layer 3's 0.5),
+  # 53 -> 0.3, 50 -> 0.1
+  routing = _routing({3: [(1, 0.5), (0, 0.1)], 4: [(2, 0.9), (1, 0.7)], 5: [(3, 0.3), (-1, 0.0)]})
+  offers = []
+
+  def retrieve(requests, allowed):
+    out = []
+    for fn in allowed:
+      offer = fn(routing)
+      offers.append(sorted(tok.decode(seq) for seq in offer))
+      pick = {1: "[51]<|object_ref_end|>", 2: "[53]<|object_ref_end|>"}.get(len(offers),
+                                                                             pf.END_OF_RETRIEVE)
+      choice = tok.encode(pick)  # two documents, then end retrieval
+      assert list(choice) in [list(seq) for seq in offer]
+      out.append(Generation(tokens=list(choice), stopped=True, routing=routing))
+    return out
+
+  model = ScriptedModel(tok, {QUESTION: [pf.final_answer(ANSWER)]})
+  config = InterleaveConfig(routed_ids=True, routed_choices=2)
+  (result,) = InterleaveDriver(model, tok, InMemoryDocuments(DOCS + ("d",), display), config,
+                               retrieve_fn=retrieve).run([QUESTION])
+  ids = lambda *d: sorted([pf.END_OF_RETRIEVE] + [f"[{i}]<|object_ref_end|>" for i in d])
+  # the two best not yet injected, each round: {52, 51}; 51 taken: {52, 53}; 53 taken: {52, 50}
+  assert offers == [ids(51, 52), ids(52, 53), ids(50, 52)]
+  assert [r.injected_ids for r in result.rounds[:2]] == [[51], [53]]
+  assert result.answer == ANSWER
+
+
 def test_routed_ids_needs_a_retrieve_fn_and_excludes_router_only(tok):
   with pytest.raises(ValueError, match="retrieve_fn"):
     InterleaveDriver(ScriptedModel(tok, {}), tok, InMemoryDocuments(DOCS),
                      InterleaveConfig(routed_ids=True))
   with pytest.raises(ValueError, match="router_only"):
     InterleaveConfig(routed_ids=True, router_only=True)
+  with pytest.raises(ValueError, match="routed_ids too"):
+    InterleaveConfig(routed_choices=1)
+  with pytest.raises(ValueError, match="routed_choices must be >= 0"):
+    InterleaveConfig(routed_ids=True, routed_choices=-1)

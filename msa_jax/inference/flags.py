@@ -26,6 +26,7 @@ class ServingFlags:
   router_rounds: flags.FlagHolder
   router_docs: flags.FlagHolder
   routed_ids: flags.FlagHolder
+  routed_choices: flags.FlagHolder
   temperature: flags.FlagHolder
   top_p: flags.FlagHolder
   sampling_seed: flags.FlagHolder
@@ -40,7 +41,8 @@ class ServingFlags:
                             router_only=self.router_only.value,
                             router_rounds=self.router_rounds.value,
                             router_docs=self.router_docs.value,
-                            routed_ids=self.routed_ids.value)
+                            routed_ids=self.routed_ids.value,
+                            routed_choices=self.routed_choices.value)
 
   def server_kwargs(self) -> dict:
     """Keyword arguments of `serving.open_server`."""
@@ -72,6 +74,10 @@ def define_serving_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Serving
       routed_ids=flags.DEFINE_bool("routed_ids", False, "Retrieval rounds write one id among the "
                                    "documents the router selected (constrained greedy decoding), "
                                    "or end retrieval.", **fv),
+      routed_choices=flags.DEFINE_integer("routed_choices", default.routed_choices, "With "
+                                          "--routed_ids: offer only this many routed documents, "
+                                          "best router score first (0: all; 1: the router picks, "
+                                          "the model decides whether to retrieve again).", **fv),
       temperature=flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).", **fv),
       top_p=flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", **fv),
       sampling_seed=flags.DEFINE_integer("sampling_seed", 0, "Sampling seed.", **fv),

@@ -17,6 +17,8 @@ pass `max_context_tokens` (`context_full`).
 With `routed_ids` a retrieval round writes one id among the documents its prefill selected in any
 router layer, or `<End-of-Retrieve>`, by the model's greedy logits under that constraint
 (`routed_ids.py` says why); documents already injected for the question are not offered again.
+With `routed_choices` = n only the n of them the router scored highest are offered: n = 1 leaves
+the router to choose each round's document and the model to decide whether to retrieve again.
 
 Router-only mode is for models not trained to write ids: the driver writes each round itself with
 the documents the router scored highest (the largest score any router layer gave, documents already
@@ -77,7 +79,8 @@ class InterleaveConfig:
   answer_tokens: new tokens allowed per retrieval round / for the answer; max_context_tokens: the
   longest request (context + new tokens) the model takes (None: no limit); router_only: the driver
   picks `router_docs` documents per round by router score for `router_rounds` rounds; routed_ids:
-  retrieval rounds choose one id among the routed documents (needs the driver's `retrieve_fn`)."""
+  retrieval rounds choose one id among the routed documents (needs the driver's `retrieve_fn`);
+  routed_choices: with routed_ids, offer only that many of them, best router score first (0: all)."""
 
   max_rounds: int = 8
   round_tokens: int = 64
@@ -87,11 +90,18 @@ class InterleaveConfig:
   router_rounds: int = 1
   router_docs: int = 1
   routed_ids: bool = False
+  routed_choices: int = 0
 
   def __post_init__(self):
     for name in ("max_rounds", "round_tokens", "answer_tokens", "router_rounds", "router_docs"):
       if getattr(self, name) < 1:
         raise ValueError(f"InterleaveConfig.{name} must be at least 1, got {getattr(self, name)}")
+    if self.routed_choices < 0:
+      raise ValueError(f"InterleaveConfig.routed_choices must be >= 0 (0: every routed document), "
+                       f"got {self.routed_choices}")
+    if self.routed_choices and not self.routed_ids:
+      raise ValueError("InterleaveConfig.routed_choices limits the routed_ids offer; set "
+                       "routed_ids too")
     if self.routed_ids and self.router_only:
       raise ValueError("InterleaveConfig: routed_ids and router_only are two different retrieval "
                        "modes; choose one")
@@ -283,13 +293,15 @@ class InterleaveDriver:
 
   def _allowed(self, q: _Question):
     """The routed-ids constraint of `q`'s next round: `[i]<|object_ref_end|>` for each document a
-    router layer selected and not yet injected, or `<End-of-Retrieve>`."""
+    router layer selected and not yet injected (the `routed_choices` best of them, if set), or
+    `<End-of-Retrieve>`."""
     injected = {i for _, entries in q.rounds for i, _ in entries}
+    limit = self.config.routed_choices or None
 
     def allowed(routing) -> list[list[int]]:
-      ids = {d for layer in self._routing(routing) for d in layer.doc_ids}
+      ids = _ranked(self._routing(routing), injected)[:limit]
       return [list(self.end_of_retrieve)] + [list(self.tokenizer.encode(pf.round_ids([d])))
-                                             for d in sorted(ids - injected)]
+                                             for d in sorted(ids)]
     return allowed
 
   def _generate(self, active: list[_Question], requests: list[Request]) -> list[Generation]:
@@ -310,12 +322,7 @@ class InterleaveDriver:
     return out
 
   def _router_round(self, q: _Question, routing: list[LayerTrace], number: int) -> None:
-    best: dict[int, float] = {}
-    for layer in routing:
-      for d, s in zip(layer.doc_ids, layer.scores):
-        if d not in q.injected:
-          best[d] = max(s, best.get(d, -np.inf))
-    chosen = sorted(best, key=lambda d: -best[d])[:self.config.router_docs]
+    chosen = _ranked(routing, q.injected)[:self.config.router_docs]
     written = list(self.tokenizer.encode(pf.round_ids(chosen))) if chosen else []
     q.trace.append(RoundTrace(number, "retrieve", written, self.tokenizer.decode(written), chosen,
                               [], chosen, routing))
@@ -363,3 +370,14 @@ class InterleaveDriver:
       for q, g in zip(active, generations):
         self._advance(q, g)
     return [q.result for q in states]
+
+
+def _ranked(routing: Sequence[LayerTrace], exclude) -> list[int]:
+  """The documents any router layer selected, minus `exclude`, by the largest score a layer gave
+  them, best first."""
+  best: dict[int, float] = {}
+  for layer in routing:
+    for d, s in zip(layer.doc_ids, layer.scores):
+      if d not in exclude:
+        best[d] = max(s, best.get(d, -np.inf))
+  return sorted(best, key=lambda d: -best[d])
