@@ -69,9 +69,9 @@ def _routing(layers):
           for layer, rows in layers.items()]
 
 
-def test_driver_offers_the_routed_documents_not_yet_injected(tok):
-  display = [50, 51, 52]
-  routing = _routing({3: [(1, 0.5), (0, 0.1)], 4: [(2, 0.9), (-1, 0.0)]})
+def _run_routed(tok, routing, display, picks, config):
+  """Runs the driver with a scripted retrieve_fn: round n writes picks[n] (an id, then
+  `<End-of-Retrieve>` once picks run out) and must find it offered. Returns (offers, result)."""
   offers = []
 
   def retrieve(requests, allowed):
@@ -79,49 +79,41 @@ def test_driver_offers_the_routed_documents_not_yet_injected(tok):
     for fn in allowed:
       offer = fn(routing)
       offers.append(sorted(tok.decode(seq) for seq in offer))
-      choice = tok.encode("[51]<|object_ref_end|>") if len(offers) == 1 else tok.encode(
-          pf.END_OF_RETRIEVE)
-      assert list(choice) in [list(s) for s in offer]
-      out.append(Generation(tokens=list(choice), stopped=True, routing=routing))
-    return out
-
-  model = ScriptedModel(tok, {QUESTION: [pf.final_answer(ANSWER)]})
-  config = InterleaveConfig(routed_ids=True)
-  (result,) = InterleaveDriver(model, tok, InMemoryDocuments(DOCS, display), config,
-                               retrieve_fn=retrieve).run([QUESTION])
-  ids = lambda *d: sorted([pf.END_OF_RETRIEVE] + [f"[{i}]<|object_ref_end|>" for i in d])
-  assert offers == [ids(50, 51, 52), ids(50, 52)]  # 51 was injected in round 0
-  assert result.rounds[0].injected_ids == [51]
-  assert result.answer == ANSWER
-  assert len(model.calls) == 1  # only the answer went through the free generate_fn
-
-
-def test_routed_choices_offers_the_best_scored_documents_only(tok):
-  display = [50, 51, 52, 53]
-  # best score per document over layers: 52 -> 0.9, 51 -> 0.7 (layer 4 beats layer 3's 0.5),
-  # 53 -> 0.3, 50 -> 0.1
-  routing = _routing({3: [(1, 0.5), (0, 0.1)], 4: [(2, 0.9), (1, 0.7)], 5: [(3, 0.3), (-1, 0.0)]})
-  offers = []
-
-  def retrieve(requests, allowed):
-    out = []
-    for fn in allowed:
-      offer = fn(routing)
-      offers.append(sorted(tok.decode(seq) for seq in offer))
-      pick = {1: "[51]<|object_ref_end|>", 2: "[53]<|object_ref_end|>"}.get(len(offers),
-                                                                             pf.END_OF_RETRIEVE)
-      choice = tok.encode(pick)  # two documents, then end retrieval
+      n = len(offers) - 1
+      choice = tok.encode(f"[{picks[n]}]<|object_ref_end|>" if n < len(picks)
+                          else pf.END_OF_RETRIEVE)
       assert list(choice) in [list(seq) for seq in offer]
       out.append(Generation(tokens=list(choice), stopped=True, routing=routing))
     return out
 
   model = ScriptedModel(tok, {QUESTION: [pf.final_answer(ANSWER)]})
-  config = InterleaveConfig(routed_ids=True, routed_choices=2)
-  (result,) = InterleaveDriver(model, tok, InMemoryDocuments(DOCS + ("d",), display), config,
+  docs = DOCS + tuple(f"doc {i}" for i in range(len(display) - len(DOCS)))
+  (result,) = InterleaveDriver(model, tok, InMemoryDocuments(docs, display), config,
                                retrieve_fn=retrieve).run([QUESTION])
-  ids = lambda *d: sorted([pf.END_OF_RETRIEVE] + [f"[{i}]<|object_ref_end|>" for i in d])
+  assert len(model.calls) == 1  # only the answer went through the free generate_fn
+  return offers, result
+
+
+def _offer(*display_ids):
+  return sorted([pf.END_OF_RETRIEVE] + [f"[{i}]<|object_ref_end|>" for i in display_ids])
+
+
+def test_driver_offers_the_routed_documents_not_yet_injected(tok):
+  routing = _routing({3: [(1, 0.5), (0, 0.1)], 4: [(2, 0.9), (-1, 0.0)]})
+  offers, result = _run_routed(tok, routing, [50, 51, 52], [51], InterleaveConfig(routed_ids=True))
+  assert offers == [_offer(50, 51, 52), _offer(50, 52)]  # 51 was injected in round 0
+  assert result.rounds[0].injected_ids == [51]
+  assert result.answer == ANSWER
+
+
+def test_routed_choices_offers_the_best_scored_documents_only(tok):
+  # best score per document over layers: 52 -> 0.9, 51 -> 0.7 (layer 4 beats layer 3's 0.5),
+  # 53 -> 0.3, 50 -> 0.1
+  routing = _routing({3: [(1, 0.5), (0, 0.1)], 4: [(2, 0.9), (1, 0.7)], 5: [(3, 0.3), (-1, 0.0)]})
+  offers, result = _run_routed(tok, routing, [50, 51, 52, 53], [51, 53],
+                               InterleaveConfig(routed_ids=True, routed_choices=2))
   # the two best not yet injected, each round: {52, 51}; 51 taken: {52, 53}; 53 taken: {52, 50}
-  assert offers == [ids(51, 52), ids(52, 53), ids(50, 52)]
+  assert offers == [_offer(51, 52), _offer(52, 53), _offer(50, 52)]
   assert [r.injected_ids for r in result.rounds[:2]] == [[51], [53]]
   assert result.answer == ANSWER
 
