@@ -345,3 +345,25 @@ def test_long_document_share_is_per_record_and_reproducible():
   short = data_setup.record_source(dataclasses.replace(data, long_doc_fraction=0.0), phase, world,
                                    seed=3)
   assert max(max(len(world.encode(d)) for d in short[i].documents) for i in range(50)) <= 48
+
+
+def test_synthetic_records_pass_name_negatives_and_context_distractors_to_their_tasks():
+  """The data options reach the generators of the tasks that take them (a needle record of the
+  same mix is unchanged), with ids remapped as usual."""
+  world = world_tokenizer()
+  data = DataConfig(tasks={"fact_lookup": 1.0, "multi_hop": 1.0, "niah_single": 1.0},
+                    min_doc_tokens=16, max_doc_tokens=48, num_records=40, max_docs=128,
+                    doc_id_max=5000)
+  phase = PhaseConfig(name="p", steps=1, peak_lr=1e-3, end_lr=1e-4, memory_tokens=1024)
+  plain = data_setup.record_source(data, phase, world, seed=3)
+  noisy = data_setup.record_source(dataclasses.replace(data, name_negatives=6,
+                                                       context_distractors=2), phase, world, seed=3)
+  tasks = {plain[i].task for i in range(40)}
+  assert tasks == {"fact_lookup", "multi_hop", "niah_single"}
+  for i in range(40):
+    a, b = plain[i], noisy[i]
+    if a.task == "niah_single":
+      assert a == b
+    else:
+      assert b.injections and len(b.injections) == len(b.hops) and b.ids
+      assert a.documents != b.documents  # the near-namesakes replaced random distractors

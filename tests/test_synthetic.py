@@ -294,3 +294,54 @@ def test_save_and_load_world_tokenizer(tmp_path):
   assert loaded.encode(text) == TOK.encode(text) == other.encode(text)
   assert loaded.decode(loaded.encode(text)) == text
   assert loaded.vocab_size == TOK.vocab_size
+
+
+def _near(name, other):
+  """Whether two `First Last` names share their first or their last name."""
+  (f, l), (g, m) = name.split(), other.split()
+  return name != other and (f == g or l == m)
+
+
+@pytest.mark.parametrize("task", ["fact_lookup", "multi_hop"])
+def test_name_negatives_put_near_namesakes_in_the_memory(task):
+  """With name_negatives=n at least n distractors share a first or last name with a gold subject
+  (a random memory of this size holds about 1-4); n=0 is the default record itself."""
+  for index in range(6):
+    plain = generate(task, 3, index, **SMALL)
+    assert generate(task, 3, index, name_negatives=0, **SMALL) == plain
+    r = generate(task, 3, index, name_negatives=12, **SMALL)
+    check_memory(r, MEMORY, 200)
+    gold = {subject(r.documents[i]) for i in r.gold_ids}
+    near = [i for i, d in enumerate(r.documents) if i not in r.gold_ids
+            and any(_near(subject(d), g) for g in gold)]
+    assert len(near) >= min(12, len(r.documents) - len(gold))
+    assert subject(r.documents[r.hops[-1][0]]) == subject(plain.documents[plain.hops[-1][0]])
+    assert r.answer == plain.answer and r.question == plain.question
+  with pytest.raises(ValueError, match="name_negatives must be an int >= 0"):
+    generate(task, 3, 0, name_negatives=-1, **SMALL)
+
+
+@pytest.mark.parametrize("task", ["fact_lookup", "multi_hop"])
+def test_context_distractors_inject_each_card_among_near_namesakes(task):
+  """Each hop injects its gold card among 0..n other cards, none injected twice, near-namesakes
+  of the hop's subject first; the memory, hops and answer stay the default record's."""
+  counts = set()
+  for index in range(12):
+    plain = generate(task, 5, index, name_negatives=8, **SMALL)
+    r = generate(task, 5, index, name_negatives=8, context_distractors=3, **SMALL)
+    assert (r.documents, r.hops, r.answer) == (plain.documents, plain.hops, plain.answer)
+    assert plain.injections == () and len(r.injections) == len(r.hops)
+    seen = set()
+    for hop, inj in zip(r.hops, r.injections):
+      extras = [i for i in inj if i not in hop]
+      assert set(hop) <= set(inj) and len(extras) <= 3 and not seen & set(extras)
+      assert not set(extras) & set(r.gold_ids)
+      who = subject(r.documents[hop[-1]])
+      near = {i for i, d in enumerate(r.documents) if i not in set(r.gold_ids) | seen
+              and _near(subject(d), who)}
+      assert sum(i in near for i in extras) == min(len(extras), len(near))
+      seen.update(extras)
+      counts.add(len(extras))
+  assert counts == {0, 1, 2, 3}
+  with pytest.raises(ValueError, match="context_distractors must be an int >= 0"):
+    generate(task, 3, 0, context_distractors=-2, **SMALL)

@@ -299,3 +299,34 @@ def test_unwrap_document_inverts_wrap_document():
 def test_bad_align_to_raises(tok):
   with pytest.raises(ValueError, match="align_to must be >= 0"):
     document_ids(tok, 0, "x", -1)
+
+
+def test_injections_put_distractors_in_the_context_not_in_the_targets(tok):
+  """A record with injections writes and injects those documents in each round (as a router
+  round does), routes on all of the newest, and keeps every step's target and positives gold."""
+  docs = DOCS + ("Mia Watts is a pilot.",)
+  plain = make_record(docs, QUESTION, ANSWER, [[2], [0]], task="multi_hop")
+  noisy = plain.with_injections([(3, 2), (0,)])
+  samples = record_step_samples(noisy, tok)
+  inject0 = "[3]. Mia Watts is a pilot.\n" + INJECT0
+  assert tok.decode(_prompt_ids(samples[1])) == (HEAD + PROMPT + TAIL + "[3][2]<|object_ref_end|>"
+                                                 + inject0 + END + ROUND1)
+  routed = [t for t, r in zip(samples[1].context, samples[1].context_route) if r]
+  assert tok.decode(routed) == inject0
+  for step, sample in enumerate(samples):
+    target = [t for t, m in zip(sample.answer, sample.answer_target) if m]
+    assert tok.decode(target) == EXPECTED_TARGETS[step]
+    assert list(sample.positive_docs) == EXPECTED_POSITIVES[step]
+  assert record_step_samples(plain, tok)[1].context != samples[1].context
+
+
+@pytest.mark.parametrize("injections, message", [
+    ([(2,)], "1 injections for 2 hops"),
+    ([(3, 1), (0,)], r"injection 0 \[3, 1\] must hold hop \[2\]"),
+    ([(2, 2), (0,)], r"must hold hop \[2\] once each"),
+    ([(2, 7), (0,)], r"injection 0 \[2, 7\] is not within \[0, 4\)"),
+])
+def test_bad_injections_are_errors(injections, message):
+  record = make_record(DOCS + ("Mia Watts is a pilot.",), QUESTION, ANSWER, [[2], [0]])
+  with pytest.raises(ValueError, match=message):
+    record.with_injections(injections)

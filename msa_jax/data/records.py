@@ -30,6 +30,10 @@ class Record:
   hops: tuple[tuple[int, ...], ...]
   task: str = ""
   ids: tuple[int, ...] = ()
+  # per hop, the documents injected into the context once that hop is retrieved (empty: the hop's
+  # gold documents). A training option adds distractors here, in a random order, so the model
+  # learns to read the right card among several, as it must after a top-k router round.
+  injections: tuple[tuple[int, ...], ...] = ()
 
   @property
   def doc_ids(self) -> tuple[int, ...]:
@@ -39,6 +43,23 @@ class Record:
   def with_ids(self, ids) -> "Record":
     """The same record with display ids `ids` (checked like `make_record`'s)."""
     return dataclasses.replace(self, ids=_check_ids(ids, len(self.documents), "record"))
+
+  def injected(self, step: int) -> tuple[int, ...]:
+    """The documents injected after retrieval step `step`."""
+    return self.injections[step] if self.injections else self.hops[step]
+
+  def with_injections(self, injections) -> "Record":
+    """The same record injecting `injections` (one tuple per hop, each holding that hop's gold
+    documents and valid document indices)."""
+    injections = tuple(tuple(int(i) for i in inj) for inj in injections)
+    if len(injections) != len(self.hops):
+      raise RecordError(f"{len(injections)} injections for {len(self.hops)} hops")
+    for h, (hop, inj) in enumerate(zip(self.hops, injections)):
+      if not set(hop) <= set(inj) or len(set(inj)) != len(inj):
+        raise RecordError(f"injection {h} {list(inj)} must hold hop {list(hop)} once each")
+      if not all(0 <= i < len(self.documents) for i in inj):
+        raise RecordError(f"injection {h} {list(inj)} is not within [0, {len(self.documents)})")
+    return dataclasses.replace(self, injections=injections)
 
   @property
   def gold_ids(self) -> tuple[int, ...]:

@@ -32,7 +32,8 @@ Documents are the record's documents wrapped as `<|im_start|>[id]. text[id]<|im_
 display ids (`Record.doc_ids`, by default 0-based indices), tokenized by `document_ids`, which bank
 encoding uses too; with `align_to` = P (`MSAConfig.doc_align_to`) the body is padded to whole
 chunks so the closing id is a chunk of its own. Ids are written, and documents injected, in the
-record's hop order.
+record's hop order; a record with `injections` injects those documents (and its rounds write their
+ids, as the driver's router rounds do), while each step's target stays its gold ids.
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, 
 
 
 def _context(record: Record, step: int, tokenizer) -> Context:
-  """The transcript of the record's retrieval steps 0..step-1 (the gold rounds)."""
+  """The transcript of the record's retrieval steps 0..step-1: the gold rounds, each writing the
+  ids of what it injects (`Record.injected`: the gold documents, or them among distractors)."""
   rounds = []
-  for hop in record.hops[:step]:
-    entries = [(record.doc_ids[i], record.documents[i]) for i in hop]
+  for h in range(step):
+    entries = [(record.doc_ids[i], record.documents[i]) for i in record.injected(h)]
     rounds.append((_encode(tokenizer, pf.round_ids([i for i, _ in entries])), entries))
   return retrieval_context(rounds, tokenizer)
 

@@ -66,7 +66,8 @@ class SyntheticRecords:
 
   With `long_doc_fraction` > 0 that share of records (drawn from (seed, i)) has documents of
   up to `long_max_doc_tokens` instead of `max_doc_tokens`: a whole record is short or long, so
-  short records keep their many distractors."""
+  short records keep their many distractors. `name_negatives` and `context_distractors` go to
+  the tasks that take them (fact lookup, multi-hop)."""
 
   tasks: tuple[tuple[str, float], ...]
   seed: int
@@ -80,6 +81,8 @@ class SyntheticRecords:
   align_to: int = 0
   long_doc_fraction: float = 0.0
   long_max_doc_tokens: int = 0
+  name_negatives: int = 0
+  context_distractors: int = 0
 
   def __len__(self) -> int:
     return self.num_records
@@ -97,11 +100,13 @@ class SyntheticRecords:
     length_fn = self.length_fn
     if self.doc_id_max:  # budget every document for the widest id it may get
       length_fn = _widest_id_length(self.length_fn, len(str(self.doc_id_max - 1)))
+    extra = {k: v for k, v in (("name_negatives", self.name_negatives),
+                               ("context_distractors", self.context_distractors)) if v}
     record = generate_mix(dict(self.tasks), self.seed, index,
                           memory_tokens=self.memory_tokens, length_fn=length_fn,
                           min_doc_tokens=self.min_doc_tokens,
                           max_doc_tokens=self.doc_tokens_of(index),
-                          max_docs=self.max_docs, align_to=self.align_to)
+                          max_docs=self.max_docs, align_to=self.align_to, **extra)
     if not self.doc_id_max:
       return record
     rng = np.random.default_rng([self.seed, index, 1])
@@ -119,7 +124,8 @@ def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *,
     return SyntheticRecords(tuple(sorted(data.tasks.items())), seed, data.num_records,
                             memory_tokens, data.min_doc_tokens, data.max_doc_tokens,
                             data.max_docs, length_fn, data.doc_id_max, align_to,
-                            data.long_doc_fraction, data.long_max_doc_tokens)
+                            data.long_doc_fraction, data.long_max_doc_tokens,
+                            data.name_negatives, data.context_distractors)
   if data.source == "jsonl":
     return JsonlRecords(data.path)
   bench = read_official(data.memory_path, data.queries_path, allow_pickle=data.allow_pickle)

@@ -53,6 +53,11 @@ class DataConfig:
   # documents give many distractors per memory, long ones keep copying from long text
   long_doc_fraction: float = 0.0
   long_max_doc_tokens: int = 0
+  # synthetic fact-lookup and multi-hop memories: this many distractors are near-namesakes of a
+  # gold subject (hard negatives for the router; tasks.py's module doc)
+  name_negatives: int = 0
+  # ... and each retrieved card is injected among up to this many distractor cards (tasks.py)
+  context_distractors: int = 0
   num_records: int = 1_000_000
   doc_id_max: int = 0  # > 0: synthetic memories are random subsets of a bank of up to this size
   answer_fraction: float | None = None  # share of answer steps (None: uniform over steps)
@@ -184,6 +189,13 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
   if d.long_doc_fraction and d.long_max_doc_tokens <= d.max_doc_tokens:
     raise TrainConfigError(f"data.long_max_doc_tokens ({d.long_max_doc_tokens}) must exceed "
                            f"data.max_doc_tokens ({d.max_doc_tokens}) when long_doc_fraction > 0")
+  for name in ("name_negatives", "context_distractors"):
+    value = getattr(d, name)
+    if value < 0:
+      raise TrainConfigError(f"data.{name} must be >= 0, got {value}")
+    if value and not {"fact_lookup", "multi_hop"} & set(d.tasks):
+      raise TrainConfigError(f"data.{name} needs a fact_lookup or multi_hop task in data.tasks, "
+                             f"got {sorted(d.tasks)}")
   if cfg.data.batch_size <= 0:
     raise TrainConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
   if len(cfg.mesh) != 3:

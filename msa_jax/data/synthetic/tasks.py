@@ -16,6 +16,16 @@ text: each document draws a target length in that range (raised to what its esse
 and is filled up to it with filler sentences. Gold (and other required) documents draw at most
 their even share of the memory, so a small memory still holds them; `max_doc_tokens` below what a
 gold document's essential facts can take is an error for every record.
+
+Name negatives: the tasks over people's cards (fact lookup, multi-hop) take `name_negatives` = n,
+which makes the first n distractors people who share a first or a last name with a gold subject.
+Random distractors rarely do (60 first and 60 last names), so a router trained on them can match
+on one name alone; the demo's routing misses are such near-namesakes.
+
+Context distractors: the same tasks take `context_distractors` = n, which injects each retrieved
+card into the context among 0..n (uniform) distractor cards (near-namesakes of its subject first,
+in a random order; `Record.injections`), so the model learns to read the asked person's card among the
+router's top few rather than the one card it was given.
 """
 
 from __future__ import annotations
@@ -284,6 +294,54 @@ def _entities(rng) -> np.ndarray:
   return rng.permutation(world.NUM_ENTITIES)
 
 
+def _check_name_negatives(task, name_negatives):
+  if not isinstance(name_negatives, (int, np.integer)) or name_negatives < 0:
+    raise ValueError(f"{task}: name_negatives must be an int >= 0, got {name_negatives!r}")
+
+
+def _name_negatives_first(candidates: np.ndarray, gold: Sequence[int], n: int) -> list[int]:
+  """`candidates` (a random order) with up to `n` near-namesakes of the `gold` entities moved to
+  the front: by turns a gold subject's next same-last-name, then same-first-name candidate,
+  cycling over the gold subjects. Draws nothing from the rng, so n = 0 changes no record."""
+  order = [int(e) for e in candidates]
+  if n == 0:
+    return order
+  width = len(world.LAST_NAMES)
+  queues = [[e for e in order if e % width == g % width] for g in gold]
+  queues += [[e for e in order if e // width == g // width] for g in gold]
+  picked: dict[int, None] = {}
+  while len(picked) < n and any(queues):
+    for q in queues:
+      while q and q[0] in picked:
+        q.pop(0)
+      if q and len(picked) < n:
+        picked[q.pop(0)] = None
+  return list(picked) + [e for e in order if e not in picked]
+
+
+def _with_context_distractors(rng, record: Record, n: int) -> Record:
+  """`record` injecting each hop's card among up to n other cards (see the module doc); n = 0 draws
+  nothing from the rng, so it changes no record."""
+  if n == 0:
+    return record
+  names = [doc.split(".", 1)[0].split() for doc in record.documents]
+  used = set(record.gold_ids)  # a card is injected once, as the driver skips injected ones
+  injections = []
+  for hop in record.hops:
+    first, last = names[hop[-1]][0], names[hop[-1]][-1]
+    others = [int(i) for i in rng.permutation(len(record.documents)) if int(i) not in used]
+    near = [i for i in others if names[i][0] == first or names[i][-1] == last]
+    extras = (near + [i for i in others if i not in near])[:int(rng.integers(n + 1))]
+    used.update(extras)
+    injections.append(tuple(int(i) for i in rng.permutation(list(hop) + extras)))
+  return record.with_injections(injections)
+
+
+def _check_context_distractors(task, n):
+  if not isinstance(n, (int, np.integer)) or n < 0:
+    raise ValueError(f"{task}: context_distractors must be an int >= 0, got {n!r}")
+
+
 def _question_attr(rng) -> str:
   return world.ATTRIBUTE_NAMES[int(rng.integers(len(world.ATTRIBUTE_NAMES)))]
 
@@ -307,12 +365,16 @@ def _where(task, seed, index):
 def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                 length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                 max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0) -> Record:
+                min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0,
+                name_negatives: int = 0, context_distractors: int = 0) -> Record:
   """Fact cards `First Last. attr: value. ...` + filler; asks one attribute of one entity.
-  `align_to` (every task takes it): the documents' layout, which gold documents leave room for."""
+  `align_to` (every task takes it): the documents' layout, which gold documents leave room for.
+  `name_negatives`, `context_distractors`: see the module doc."""
   task = "fact_lookup"
   _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "fact", align_to)
   _check_attributes(task, min_attributes, max_attributes)
+  _check_name_negatives(task, name_negatives)
+  _check_context_distractors(task, context_distractors)
   rng = _rng(task, seed, index)
   ents = _entities(rng)
 
@@ -330,11 +392,12 @@ def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TO
   value = values[int(rng.integers(len(values)))]
   name = world.entity_name(int(ents[0]))
   gold = card(int(ents[0]), (attr, value))
-  pool = _Peekable(ents[1:].tolist())
+  pool = _Peekable(_name_negatives_first(ents[1:], [int(ents[0])], name_negatives))
   docs, (gid,) = _assemble(rng, task, [gold], 1, lambda: card(next(pool)) if pool.has() else None,
                            memory_tokens, length_fn, max_docs)
-  return make_record(docs, f"What is the {attr} of {name}?", value, [(gid,)], task,
-                     _where(task, seed, index))
+  record = make_record(docs, f"What is the {attr} of {name}?", value, [(gid,)], task,
+                       _where(task, seed, index))
+  return _with_context_distractors(rng, record, context_distractors)
 
 
 class _Peekable:
@@ -356,14 +419,19 @@ def multi_hop(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKE
               length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
               max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
               num_hops: int | None = None, min_hops: int = 2, max_hops: int = 4,
-              min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0) -> Record:
+              min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0,
+              name_negatives: int = 0, context_distractors: int = 0) -> Record:
   """A chain E0 -r0-> E1 -r1-> ... -> E_{h-1}: asks an attribute of E_{h-1} through the relations.
 
   Document j (of E_j) states `r_j: E_{j+1}.`; the last one holds the asked attribute. hops are the
-  chain's documents in order. `num_hops` fixes h, else it is drawn in [min_hops, max_hops]."""
+  chain's documents in order. `num_hops` fixes h, else it is drawn in [min_hops, max_hops].
+  `name_negatives` (near-namesakes of any chain entity), `context_distractors`: see the module
+  doc."""
   task = "multi_hop"
   _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "chain", align_to)
   _check_attributes(task, min_attributes, max_attributes)
+  _check_name_negatives(task, name_negatives)
+  _check_context_distractors(task, context_distractors)
   if not 2 <= min_hops <= max_hops:
     raise ValueError(f"{task}: need 2 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
   if num_hops is not None and num_hops < 2:
@@ -398,12 +466,13 @@ def multi_hop(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKE
     else:
       gold.append(card(e, [_attribute_clause(attr, value)], exclude_attr=(attr,),
                        cap=_gold_cap(memory_tokens, h, align_to)))
-  pool = _Peekable(others.tolist())
+  pool = _Peekable(_name_negatives_first(others, chain, name_negatives))
   docs, gids = _assemble(rng, task, gold, h, lambda: card(next(pool), []) if pool.has() else None,
                          memory_tokens, length_fn, max_docs)
   path = "".join(f" of the {r}" for r in reversed(relations))
   question = f"What is the {attr}{path} of {world.entity_name(chain[0])}?"
-  return make_record(docs, question, value, [(g,) for g in gids], task, _where(task, seed, index))
+  record = make_record(docs, question, value, [(g,) for g in gids], task, _where(task, seed, index))
+  return _with_context_distractors(rng, record, context_distractors)
 
 
 def _magic_values(rng, n: int) -> list[str]:
