@@ -36,6 +36,22 @@ COLUMNS = (("exact_match", "answer EM"), ("retrieval_exact", "retrieval acc"),
 NO_MEMORY = "none"  # the baseline's label
 
 
+def demo_interleave(max_rounds: int = 8, *, router_only: bool = False,
+                    routed_ids: bool | None = None,
+                    routed_choices: int | None = None) -> InterleaveConfig:
+  """The demo's retrieval: router-picked rounds (`routed_ids` with `routed_choices=1`: the router
+  picks each round's document, the model decides when it has enough) unless `router_only`, or an
+  explicit `routed_ids` / `routed_choices` (None: not given), asks otherwise. The shipped tiny
+  model writes whole ids right in only a third to a half of rounds, so this mode, not the
+  official free-id loop, shows what its memory holds."""
+  if routed_ids is None:
+    routed_ids = not router_only
+  if routed_choices is None:
+    routed_choices = 1 if routed_ids else 0
+  return InterleaveConfig(max_rounds=max_rounds, router_only=router_only, routed_ids=routed_ids,
+                          routed_choices=routed_choices)
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
   sizes: tuple[int, ...] = (1 << 14, 1 << 16)  # with the baseline, ~1 minute on 2 CPU cores
@@ -44,7 +60,7 @@ class DemoSettings:
   seed: int = 0
   min_doc_tokens: int = 16
   max_doc_tokens: int = 64  # 16-64: the document lengths the shipped model is retrained on
-  interleave: InterleaveConfig = InterleaveConfig()
+  interleave: InterleaveConfig = demo_interleave()
   row_tokens: int = 1024
   batch_rows: int = 16
   batch_size: int = 1  # requests per prefill: bank routing holds [batch, prompt, chunks] scores

@@ -6,15 +6,21 @@ retrieval rounds and answer, then a table of memory size vs accuracy, saved as J
   python experiments/demo.py --memory_tokens=1048576 --sizes=16384,65536,262144   # 16K to 1M
   python experiments/demo.py --num_single=32 --num_multi=16        # finer accuracy
   python experiments/demo.py --router_only                         # retrieve by router score
+  python experiments/demo.py --norouted_ids                        # the official free-id loop
+
+By default each Memory Interleave round offers the model the router's best not-yet-injected
+document or `<End-of-Retrieve>` (`--routed_ids --routed_choices=1`): the router picks the evidence
+and the model decides when it has enough. The shipped tiny model writes whole ids right in only
+about a third to a half of rounds, so the official loop, where it writes any id, answers far less
+(BENCHMARKS.md §9).
 """
 
 from absl import app, flags
 
 import msa_jax
 from benchmarks.common import repo_file
-from benchmarks.demo import DemoSettings, format_table, run_demo, write_report
+from benchmarks.demo import DemoSettings, demo_interleave, format_table, run_demo, write_report
 from msa_jax.cli import quiet_library_logs, run
-from msa_jax.inference.interleave import InterleaveConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", repo_file("models", "tiny_msa"),
                                   "Trained msa_jax checkpoint (with its tokenizer.json).")
@@ -34,10 +40,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and memories.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question stops.")
 _ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of the ids "
                                  "the model writes (models not trained to write ids).")
-_ROUTED_IDS = flags.DEFINE_bool("routed_ids", False, "Memory Interleave writes one id per round "
-                                 "among the documents the router selected (constrained decoding).")
-_ROUTED_CHOICES = flags.DEFINE_integer("routed_choices", 0, "With --routed_ids: offer only this "
-                                       "many routed documents, best router score first (0: all).")
+_ROUTED_IDS = flags.DEFINE_bool("routed_ids", True, "Memory Interleave writes one id per round "
+                                 "among the documents the router selected (constrained decoding). "
+                                 "On unless --router_only; --norouted_ids: the model writes any id.")
+_ROUTED_CHOICES = flags.DEFINE_integer("routed_choices", 1, "With --routed_ids: offer only this "
+                                       "many routed documents, best router score first (0: all; "
+                                       "default 1: the router picks, unless --norouted_ids).")
 _BATCH = flags.DEFINE_integer("batch_size", DemoSettings.batch_size, "Questions per prefill "
                               "(routing over the bank holds a [batch, prompt, chunks] score array: "
                               "mind the memory).")
@@ -55,13 +63,14 @@ def main(argv):
     sizes = sorted({s for s in smaller if s < _MEMORY.value} | {_MEMORY.value})
   except ValueError:
     raise app.UsageError(f"--sizes must be integers, got {_SIZES.value}") from None
+  given = lambda holder: holder.value if holder.present else None
   loaded = msa_jax.load(_CHECKPOINT.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
                           seed=_SEED.value, max_doc_tokens=_MAX_DOC.value,
-                          interleave=InterleaveConfig(max_rounds=_MAX_ROUNDS.value,
-                                                      router_only=_ROUTER_ONLY.value,
-                                                      routed_ids=_ROUTED_IDS.value,
-                                                      routed_choices=_ROUTED_CHOICES.value),
+                          interleave=demo_interleave(_MAX_ROUNDS.value,
+                                                     router_only=_ROUTER_ONLY.value,
+                                                     routed_ids=given(_ROUTED_IDS),
+                                                     routed_choices=given(_ROUTED_CHOICES)),
                           batch_size=_BATCH.value, memory_devices=_DEVICES.value)
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()
