@@ -41,8 +41,9 @@ _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a q
 _ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of the ids "
                                  "the model writes (models not trained to write ids).")
 _ROUTED_IDS = flags.DEFINE_bool("routed_ids", True, "Memory Interleave writes one id per round "
-                                 "among the documents the router selected (constrained decoding). "
-                                 "On unless --router_only; --norouted_ids: the model writes any id.")
+                                 "among the documents the router selected (constrained "
+                                 "decoding). On unless --router_only; --norouted_ids: the model "
+                                 "writes any id.")
 _ROUTED_CHOICES = flags.DEFINE_integer("routed_choices", 1, "With --routed_ids: offer only this "
                                        "many routed documents, best router score first (0: all; "
                                        "default 1: the router picks, unless --norouted_ids).")

@@ -23,9 +23,9 @@ Random distractors rarely do (60 first and 60 last names), so a router trained o
 on one name alone; the demo's routing misses are such near-namesakes.
 
 Context distractors: the same tasks take `context_distractors` = n, which injects each retrieved
-card into the context among 0..n (uniform) distractor cards (near-namesakes of its subject first,
-in a random order; `Record.injections`), so the model learns to read the asked person's card among the
-router's top few rather than the one card it was given.
+card into the context among 0..n (uniform) distractor cards (near-namesakes of its subject
+first, in a random order; `Record.injections`), so the model learns to read the asked person's
+card among the router's top few rather than the one card it was given.
 """
 
 from __future__ import annotations
@@ -294,9 +294,9 @@ def _entities(rng) -> np.ndarray:
   return rng.permutation(world.NUM_ENTITIES)
 
 
-def _check_name_negatives(task, name_negatives):
-  if not isinstance(name_negatives, (int, np.integer)) or name_negatives < 0:
-    raise ValueError(f"{task}: name_negatives must be an int >= 0, got {name_negatives!r}")
+def _check_count(task, name, value):
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+    raise ValueError(f"{task}: {name} must be an int >= 0, got {value!r}")
 
 
 def _name_negatives_first(candidates: np.ndarray, gold: Sequence[int], n: int) -> list[int]:
@@ -337,11 +337,6 @@ def _with_context_distractors(rng, record: Record, n: int) -> Record:
   return record.with_injections(injections)
 
 
-def _check_context_distractors(task, n):
-  if not isinstance(n, (int, np.integer)) or n < 0:
-    raise ValueError(f"{task}: context_distractors must be an int >= 0, got {n!r}")
-
-
 def _question_attr(rng) -> str:
   return world.ATTRIBUTE_NAMES[int(rng.integers(len(world.ATTRIBUTE_NAMES)))]
 
@@ -373,8 +368,8 @@ def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TO
   task = "fact_lookup"
   _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "fact", align_to)
   _check_attributes(task, min_attributes, max_attributes)
-  _check_name_negatives(task, name_negatives)
-  _check_context_distractors(task, context_distractors)
+  _check_count(task, "name_negatives", name_negatives)
+  _check_count(task, "context_distractors", context_distractors)
   rng = _rng(task, seed, index)
   ents = _entities(rng)
 
@@ -430,8 +425,8 @@ def multi_hop(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKE
   task = "multi_hop"
   _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "chain", align_to)
   _check_attributes(task, min_attributes, max_attributes)
-  _check_name_negatives(task, name_negatives)
-  _check_context_distractors(task, context_distractors)
+  _check_count(task, "name_negatives", name_negatives)
+  _check_count(task, "context_distractors", context_distractors)
   if not 2 <= min_hops <= max_hops:
     raise ValueError(f"{task}: need 2 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
   if num_hops is not None and num_hops < 2:
