@@ -7,7 +7,8 @@ answered together by Memory Interleave over it, and each answer is scored: answe
 retrieval accuracy (the ids the model wrote over all rounds are exactly the gold documents) with
 retrieval recall. The same questions asked of zero documents (`serving.open_empty_server`) are the
 baseline: answer EM there is what the model gets without its memory. The report holds every
-question's rounds, and a table of size vs accuracy that `write_report` saves as JSON and PNG.
+question's rounds, each memory's `demo_diagnosis` (the router's top-1 per hop, multi-hop
+outcomes), and a table of size vs accuracy that `write_report` saves as JSON and PNG.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 from typing import Callable
 
+from benchmarks.demo_diagnosis import diagnose
 from msa_jax import evaluation
 from msa_jax.atomic_dir import write_json_and_chart
 from msa_jax.api import LoadedModel
@@ -160,7 +162,8 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
     finally:
       shutil.rmtree(bank_dir, ignore_errors=True)
     levels.append({"memory_tokens": size, "label": _label(size), "documents": len(memory.texts),
-                   "tokens": memory.tokens, "encode_s": encode_s, **asked})
+                   "tokens": memory.tokens, "encode_s": encode_s,
+                   "diagnosis": diagnose(asked["records"]), **asked})
   return {"settings": {**dataclasses.asdict(settings), "sizes": sizes},
           "retrieval": retrieval_mode(settings.interleave), "questions": len(pool.questions),
           "seconds": time.perf_counter() - start, "baseline": baseline, "levels": levels}

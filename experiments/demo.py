@@ -20,6 +20,7 @@ from absl import app, flags
 import msa_jax
 from benchmarks.common import repo_file
 from benchmarks.demo import DemoSettings, demo_interleave, format_table, run_demo, write_report
+from benchmarks.demo_diagnosis import format_diagnosis
 from msa_jax.cli import quiet_library_logs, run
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", repo_file("models", "tiny_msa"),
@@ -76,6 +77,8 @@ def main(argv):
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()
   print(format_table(report))
+  for level in report["levels"]:
+    print(format_diagnosis(level["label"], level["diagnosis"]))
   json_path, png_path = write_report(report, _OUT.value)
   print(f"\n{report['questions']} questions, {report['seconds']:.0f} s; wrote {json_path} and "
         f"{png_path}")

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 import msa_jax
-from benchmarks import demo
+from benchmarks import demo, demo_diagnosis
 from msa_jax.data.synthetic import memory_pool
 from msa_jax.inference import metrics
 from msa_jax.inference.interleave import InterleaveConfig
@@ -162,6 +162,8 @@ def test_demo_binary_on_a_tiny_memory(tmp_path):
     assert lv["tokens"] <= lv["memory_tokens"] and len(lv["records"]) == 2
     for row in lv["records"]:
       assert f"{row['question']}\n" in result.stdout
+    assert lv["diagnosis"] == demo_diagnosis.diagnose(lv["records"])
+    assert demo_diagnosis.format_diagnosis(lv["label"], lv["diagnosis"]) in result.stdout
   # the baseline: the same questions over zero documents, so nothing is routed or injected
   baseline = report["baseline"]
   assert (baseline["label"], baseline["documents"], baseline["tokens"]) == ("none", 0, 0)
