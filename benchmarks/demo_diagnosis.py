@@ -2,28 +2,27 @@
 hop, and what happened to each multi-hop question.
 
 Per hop j of a question whose first j rounds injected its first j gold documents: is the document
-the router ranks first at round j (the largest score any router layer gave, injected ones left
-out; what router-picked rounds inject) the gold one? A chain of h hops needs all h, so these
-rates compound. Multi-hop outcomes: right; wrong with exactly the gold chain injected (reading);
-stopped early or overshot on a correct prefix (deciding when to stop); or a hop routed wrongly.
-The demo's questions have one gold document per hop, in `gold_ids` order; that is what this
-reads.
+the router ranks first at round j (`ranked_by_router`, injected ones left out: what router-picked
+rounds inject) the gold one? A chain of h hops needs all h, so these rates compound. Multi-hop
+outcomes: right; wrong with exactly the gold chain injected (reading); stopped early or overshot
+on a correct prefix (deciding when to stop); or a hop routed wrongly. The demo's questions have one
+gold document per hop, in `gold_ids` order; that is what this reads.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from msa_jax.inference.interleave import LayerTrace, ranked_by_router
+
 OUTCOMES = ("right", "gold chain, wrong answer", "stopped early", "overshot", "routed wrong")
 
 
 def _router_first(round_trace: dict, exclude: set[int]) -> int | None:
-  best: dict[int, float] = {}
-  for layer in round_trace["routing"]:
-    for d, s in zip(layer["doc_ids"], layer["scores"]):
-      if d not in exclude and s > best.get(d, float("-inf")):
-        best[d] = s
-  return max(best, key=best.get) if best else None
+  layers = [LayerTrace(t.get("layer", -1), t["doc_ids"], t["scores"])
+            for t in round_trace["routing"]]
+  ranked = ranked_by_router(layers, exclude)
+  return ranked[0] if ranked else None
 
 
 def hop_top1(records: Sequence[dict]) -> dict[str, list[int]]:

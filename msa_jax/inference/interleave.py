@@ -299,7 +299,7 @@ class InterleaveDriver:
     limit = self.config.routed_choices or None
 
     def allowed(routing) -> list[list[int]]:
-      ids = _ranked(self._routing(routing), injected)[:limit]
+      ids = ranked_by_router(self._routing(routing), injected)[:limit]
       return [list(self.end_of_retrieve)] + [list(self.tokenizer.encode(pf.round_ids([d])))
                                              for d in sorted(ids)]
     return allowed
@@ -322,7 +322,7 @@ class InterleaveDriver:
     return out
 
   def _router_round(self, q: _Question, routing: list[LayerTrace], number: int) -> None:
-    chosen = _ranked(routing, q.injected)[:self.config.router_docs]
+    chosen = ranked_by_router(routing, q.injected)[:self.config.router_docs]
     written = list(self.tokenizer.encode(pf.round_ids(chosen))) if chosen else []
     q.trace.append(RoundTrace(number, "retrieve", written, self.tokenizer.decode(written), chosen,
                               [], chosen, routing))
@@ -372,7 +372,7 @@ class InterleaveDriver:
     return [q.result for q in states]
 
 
-def _ranked(routing: Sequence[LayerTrace], exclude) -> list[int]:
+def ranked_by_router(routing: Sequence[LayerTrace], exclude) -> list[int]:
   """The documents any router layer selected, minus `exclude`, by the largest score a layer gave
   them, best first."""
   best: dict[int, float] = {}
