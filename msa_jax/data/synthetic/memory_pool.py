@@ -23,6 +23,7 @@ import numpy as np
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.synthetic import generate
+from msa_jax.data.synthetic.tasks import card_subject
 
 _WIDEST_ID = 10 ** 6 - 1  # documents are costed with the widest id they could get
 
@@ -61,10 +62,6 @@ class SyntheticPool:
   questions: list[Question]
 
 
-def _subject(card: str) -> str:
-  return card.split(".", 1)[0]
-
-
 def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int,
                length_fn: Callable[[str], int], min_doc_tokens: int = 16,
                max_doc_tokens: int = 512, align_to: int = 0) -> SyntheticPool:
@@ -91,7 +88,7 @@ def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int
       record = generate(task, seed, index, memory_tokens=n_gold * (max_doc_tokens + 64 + align_to),
                         max_docs=n_gold if task == "fact_lookup" else None, **doc_params)
       gold = [i for hop in record.hops for i in hop]
-      subjects = [_subject(record.documents[i]) for i in gold]
+      subjects = [card_subject(record.documents[i]) for i in gold]
       if len(set(subjects)) < len(subjects) or taken & set(subjects):
         continue
       taken.update(subjects)
@@ -107,13 +104,13 @@ def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int
   big = 1 << 16  # distractor records: as many documents as fit in this many tokens
   for index in itertools.count():
     record = generate("fact_lookup", seed + 1, index, memory_tokens=big, **doc_params)
-    fresh = [d for d in record.documents if _subject(d) not in taken]
+    fresh = [d for d in record.documents if card_subject(d) not in taken]
     if not fresh:
       break  # no more people: fill with haystacks
     for d in fresh:
       if total + cost(d) > memory_tokens:
         return SyntheticPool(documents, num_gold, questions)
-      taken.add(_subject(d))
+      taken.add(card_subject(d))
       documents.append(d)
       total += cost(d)
   for index in itertools.count():

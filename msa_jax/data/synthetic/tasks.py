@@ -319,12 +319,17 @@ def _name_negatives_first(candidates: np.ndarray, gold: Sequence[int], n: int) -
   return list(picked) + [e for e in order if e not in picked]
 
 
+def card_subject(card: str) -> str:
+  """The person a fact card is about: its leading sentence, `First Last`."""
+  return card.split(".", 1)[0]
+
+
 def _with_context_distractors(rng, record: Record, n: int) -> Record:
   """`record` injecting each hop's card among up to n other cards (see the module doc); n = 0 draws
   nothing from the rng, so it changes no record."""
   if n == 0:
     return record
-  names = [doc.split(".", 1)[0].split() for doc in record.documents]
+  names = [card_subject(doc).split() for doc in record.documents]
   used = set(record.gold_ids)  # a card is injected once, as the driver skips injected ones
   injections = []
   for hop in record.hops:
