@@ -347,7 +347,7 @@ def test_long_document_share_is_per_record_and_reproducible():
   assert max(max(len(world.encode(d)) for d in short[i].documents) for i in range(50)) <= 48
 
 
-def test_synthetic_records_pass_name_negatives_and_context_distractors_to_their_tasks():
+def test_synthetic_records_pass_name_negatives_context_distractors_and_misses_to_their_tasks():
   """The data options reach the generators of the tasks that take them (a needle record of the
   same mix is unchanged), with ids remapped as usual."""
   world = world_tokenizer()
@@ -357,7 +357,8 @@ def test_synthetic_records_pass_name_negatives_and_context_distractors_to_their_
   phase = PhaseConfig(name="p", steps=1, peak_lr=1e-3, end_lr=1e-4, memory_tokens=1024)
   plain = data_setup.record_source(data, phase, world, seed=3)
   noisy = data_setup.record_source(dataclasses.replace(data, name_negatives=6,
-                                                       context_distractors=2), phase, world, seed=3)
+                                                       context_distractors=2, miss_rate=0.5),
+                                   phase, world, seed=3)
   tasks = {plain[i].task for i in range(40)}
   assert tasks == {"fact_lookup", "multi_hop", "niah_single"}
   for i in range(40):
@@ -366,4 +367,6 @@ def test_synthetic_records_pass_name_negatives_and_context_distractors_to_their_
       assert a == b
     else:
       assert b.injections and len(b.injections) == len(b.hops) and b.ids
+      assert len(b.misses) == len(b.hops)
       assert a.documents != b.documents  # the near-namesakes replaced random distractors
+  assert any(noisy[i].misses and any(noisy[i].misses) for i in range(40))

@@ -30,11 +30,14 @@ SMALL = dict(memory_tokens=320, min_doc_tokens=8, max_doc_tokens=40)
 
 
 def _records():
-  """Each task the probe serves, one record with 3-digit display ids (ids of several tokens)."""
+  """Each task the probe serves, one record with 3-digit display ids (ids of several tokens), one
+  with a miss round before each of its hops."""
   fact = generate("fact_lookup", 3, 0, **SMALL)
+  chain = generate("multi_hop", 3, 0, num_hops=2, **SMALL)
+  wrong = [i for i in range(len(chain.documents)) if i not in chain.gold_ids]
   return [fact.with_ids([100 + 7 * i for i in range(len(fact.documents))]),
           generate("fact_lookup", 3, 1, **SMALL),
-          generate("multi_hop", 3, 0, num_hops=2, **SMALL),
+          chain.with_misses([(wrong[0],), (wrong[1],)]),
           generate("niah_single", 3, 0, **SMALL)]
 
 
@@ -56,10 +59,16 @@ def _batch(samples, model, seq_len_prompt=512):
                      pad_id=TOKENIZER.pad_id, vocab_size=model.config.vocab_size)
 
 
+def _kind(record, step):
+  rounds = record.rounds
+  if step == len(rounds):
+    return "answer"
+  return "after_miss" if step and rounds[step - 1].miss else "retrieval"
+
+
 def _steps(records):
   """(record, step, kind) of every step."""
-  return [(r, s, "retrieval" if s < len(r.hops) else "answer")
-          for r in records for s in range(num_steps(r))]
+  return [(r, s, _kind(r, s)) for r in records for s in range(num_steps(r))]
 
 
 def test_classes_partition_the_scored_labels():
@@ -72,24 +81,28 @@ def test_classes_partition_the_scored_labels():
       labels = np.asarray(prompt.labels)[0]
       grid = P.class_grid(s, classes, labels.size)
       np.testing.assert_array_equal(grid >= 0, labels >= 0)
-      assert set(grid[grid >= 0]) <= {P.FORMAT, P.ID_DIGITS, P.ANSWER}
+      assert set(grid[grid >= 0]) <= {P.FORMAT, P.ID_DIGITS, P.ANSWER, P.DECISION}
       text = lambda c: TOKENIZER.decode(labels[grid == c])
-      if kind == "retrieval":
-        assert text(P.ID_DIGITS) == "".join(str(record.doc_ids[i]) for i in record.hops[step])
-        assert text(P.FORMAT) == "[]" * len(record.hops[step]) + "<|object_ref_end|>"
+      if kind != "answer":
+        hop = record.hops[record.rounds[step].hop]
+        assert text(P.ID_DIGITS) == "".join(str(record.doc_ids[i]) for i in hop)
+        assert text(P.DECISION) == "["
+        assert text(P.FORMAT) == "]" + "[]" * (len(hop) - 1) + "<|object_ref_end|>"
         assert not (grid == P.ANSWER).any()
       else:
         assert text(P.ANSWER).strip() == record.answer
-        assert text(P.FORMAT).replace(" ", "") == (pf.END_OF_RETRIEVE + pf.ANSWER_PREFIX +
+        assert text(P.DECISION) == pf.END_OF_RETRIEVE
+        assert text(P.FORMAT).replace(" ", "") == (pf.ANSWER_PREFIX +
                                                     "<|im_end|>").replace(" ", "")
         assert not (grid == P.ID_DIGITS).any()
 
 
 def _appended_independently(record, step, sample):
   """The gold text after the context, tokenized as one string (the probe tokenizes two pieces)."""
-  if step == len(record.hops):
+  if step == len(record.rounds):
     return sample
-  text = "".join(f"[{record.doc_ids[i]}]. {record.documents[i]}\n" for i in record.hops[step])
+  hop = record.hops[record.rounds[step].hop]
+  text = "".join(f"[{record.doc_ids[i]}]. {record.documents[i]}\n" for i in hop)
   extra = TOKENIZER.encode(text + "<|object_ref_end|>")
   injected = [True] * (len(extra) - 1) + [False]  # the closing delimiter is not document text
   return dataclasses.replace(sample, context=list(sample.context) + extra,
@@ -98,9 +111,12 @@ def _appended_independently(record, step, sample):
 
 
 def _oracle_class(label_text, kind, index, prefix_len):
-  """A scored label's class from its text: digits of a round are ids; in the answer step the
-  targets after `<End-of-Retrieve>The answer to the question is:` but the last are the answer."""
-  if kind == "retrieval":
+  """A scored label's class from its text: a step's first target is its decision; digits of a
+  round are ids; in the answer step the targets after `<End-of-Retrieve>The answer to the
+  question is:` but the last are the answer."""
+  if index == 0:
+    return "decision"
+  if kind != "answer":
     return "id_digits" if label_text.isdigit() else "format"
   return "answer" if prefix_len <= index and label_text.strip() and label_text != "<|im_end|>" \
       else "format"
@@ -165,10 +181,10 @@ def test_probe_equals_a_numpy_oracle_over_the_training_forward():
     assert got["accuracy"] == pytest.approx(correct / count, abs=1e-9), (cond, kind, cls)
     assert got["mean_logprob"] == pytest.approx(logp / count, abs=1e-4), (cond, kind, cls)
     checked.add(cls)
-  assert checked == {"format", "id_digits", "answer", "all"}
+  assert checked == {"format", "id_digits", "answer", "decision", "all"}
   for kind, per in result["gold_in_selection"]["gold_forced"].items():
     assert all(v == 1.0 for v in per.values()), kind
-  assert result["samples"] == {"retrieval": 5, "answer": 4}
+  assert result["samples"] == {"retrieval": 5, "after_miss": 2, "answer": 4}
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -235,12 +251,15 @@ def _run_tool(*args):
 def test_tool_writes_json_and_fails_clearly_without_a_model(tmp_path):
   out = tmp_path / "probe.json"
   run = _run_tool("--model=models/tiny_msa", "--memory_tokens=1024", "--num_samples=2",
-                  "--batch_size=2", "--seed=99", f"--out={out}")
+                  "--batch_size=2", "--seed=99", "--miss_rate=0.9", f"--out={out}")
   assert run.returncode == 0, run.stderr
   assert "gold_forced" in run.stdout and "recall@1" in run.stdout
   result = json.loads(out.read_text())
   assert result["settings"]["seed"] == 99 and result["records"] == 2
   assert result["metrics"]["normal"]["retrieval"]["id_digits"]["count"] > 0
+  assert result["settings"]["miss_rate"] == 0.9
+  assert result["metrics"]["normal"]["after_miss"]["decision"]["count"] == result["samples"][
+      "after_miss"] > 0  # one decision per step
   assert result["settings"]["doc_tokens"] == [16, 64]  # the shipped model's train_config.json
   assert "documents of 16-64 tokens; data settings from " in run.stdout
   assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]  # no temporary left behind

@@ -4,6 +4,7 @@ exact tokenizer round trips."""
 import os
 import re
 
+import numpy as np
 import pytest
 
 from msa_jax.data import prompt_format as pf
@@ -11,7 +12,7 @@ from msa_jax.data.records import Record
 from msa_jax.data.synthetic import (TASKS, build_world_tokenizer, count_tokens, default_length_fn,
                                     generate, generate_mix, pick_task, save_world_tokenizer,
                                     world_tokenizer)
-from msa_jax.data.synthetic import memory_pool, world
+from msa_jax.data.synthetic import memory_pool, tasks, world
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.data.transcript import document_ids, document_length_fn
 
@@ -345,3 +346,41 @@ def test_context_distractors_inject_each_card_among_near_namesakes(task):
   assert counts == {0, 1, 2, 3}
   with pytest.raises(ValueError, match="context_distractors must be an int >= 0"):
     generate(task, 3, 0, context_distractors=-2, **SMALL)
+
+
+@pytest.mark.parametrize("task", ["fact_lookup", "multi_hop"])
+def test_miss_rounds_put_wrong_near_namesakes_before_each_hop(task):
+  """With miss_rate = p each hop gets k wrong cards, P(k >= j) = p**j up to MAX_MISSES: never gold,
+  never injected elsewhere, near-namesakes of the hop's subject first; the memory, hops, answer
+  and injections stay the record's without misses, and p = 0 is that record itself."""
+  counts = []
+  for index in range(40):
+    plain = generate(task, 5, index, name_negatives=8, context_distractors=1, **SMALL)
+    assert generate(task, 5, index, name_negatives=8, context_distractors=1, miss_rate=0.0,
+                    **SMALL) == plain
+    r = generate(task, 5, index, name_negatives=8, context_distractors=1, miss_rate=0.5, **SMALL)
+    assert (r.documents, r.hops, r.answer, r.injections) == (plain.documents, plain.hops,
+                                                             plain.answer, plain.injections)
+    used = {i for inj in r.injections for i in inj} | set(r.gold_ids)
+    for hop, wrong in zip(r.hops, r.misses):
+      assert not used & set(wrong) and len(set(wrong)) == len(wrong)
+      who = subject(r.documents[hop[-1]])
+      near = {i for i, d in enumerate(r.documents) if i not in used and _near(subject(d), who)}
+      assert sum(i in near for i in wrong) == min(len(wrong), len(near))
+      used.update(wrong)
+      counts.append(len(wrong))
+  assert set(counts) == set(range(tasks.MAX_MISSES + 1))
+  for bad in (-0.1, 1.0, "0.2"):
+    with pytest.raises(ValueError, match="miss_rate must be a number in"):
+      generate(task, 3, 0, miss_rate=bad, **SMALL)
+
+
+def test_miss_counts_follow_the_geometric_law():
+  """Over a memory with cards to spare, P(k >= j) = p**j for j <= MAX_MISSES (4,000 draws)."""
+  record = generate("fact_lookup", 1, 0, memory_tokens=4096, min_doc_tokens=16, max_doc_tokens=40)
+  assert len(record.documents) > 3 * tasks.MAX_MISSES
+  rng = np.random.default_rng(0)
+  k = np.array([len(tasks._with_misses(rng, record, 0.4).misses[0]) for _ in range(4000)])
+  for j in range(1, tasks.MAX_MISSES + 1):
+    assert abs(np.mean(k >= j) - 0.4 ** j) < 0.025, j
+  assert k.max() == tasks.MAX_MISSES

@@ -167,6 +167,9 @@ def test_phase_loss_weights_reach_the_objective():
     (_config(data={"long_doc_fraction": 0.2, "max_doc_tokens": 64}),
      r"data.long_max_doc_tokens \(0\) must exceed data.max_doc_tokens \(64\)"),
     (_config(data={"name_negatives": -1}), "data.name_negatives must be >= 0, got -1"),
+    (_config(data={"miss_rate": 1.0}), r"data.miss_rate must be in \[0, 1\), got 1.0"),
+    (_config(data={"tasks": {"niah_single": 1.0}, "miss_rate": 0.3}),
+     r"data.miss_rate needs a fact_lookup or multi_hop task in data.tasks"),
     (_config(data={"tasks": {"niah_single": 1.0}, "context_distractors": 2}),
      r"data.context_distractors needs a fact_lookup or multi_hop task in data.tasks, got "
      r"\['niah_single'\]"),

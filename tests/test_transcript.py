@@ -330,3 +330,45 @@ def test_bad_injections_are_errors(injections, message):
   record = make_record(DOCS + ("Mia Watts is a pilot.",), QUESTION, ANSWER, [[2], [0]])
   with pytest.raises(ValueError, match=message):
     record.with_injections(injections)
+
+
+def test_misses_add_rounds_that_inject_a_wrong_card_and_keep_the_gold_target(tok):
+  """A miss round writes and injects one wrong card (as a router round that picked it does),
+  routes on it, and the step after it still targets its hop's gold ids; the transcript goes on
+  with the gold round, so later steps carry the miss too."""
+  docs = DOCS + ("Mia Watts is a pilot.", "Erik Holm is a baker.")
+  plain = make_record(docs, QUESTION, ANSWER, [[2], [0]], task="multi_hop")
+  missed = plain.with_misses([(4,), (3,)])
+  assert [tuple(r) for r in missed.rounds] == [(0, (4,), True), (0, (2,), False),
+                                               (1, (3,), True), (1, (0,), False)]
+  assert num_steps(missed) == 5
+  samples = record_step_samples(missed, tok)
+  miss0 = "[4]<|object_ref_end|>[4]. Erik Holm is a baker.\n" + END
+  miss1 = "[3]<|object_ref_end|>[3]. Mia Watts is a pilot.\n" + END
+  prompts = [HEAD + PROMPT + TAIL + ROUND0,
+             HEAD + PROMPT + TAIL + miss0 + ROUND0,
+             HEAD + PROMPT + TAIL + miss0 + ROUND0 + INJECT0 + END + ROUND1,
+             HEAD + PROMPT + TAIL + miss0 + ROUND0 + INJECT0 + END + miss1 + ROUND1]
+  targets = [ROUND0, ROUND0, ROUND1, ROUND1, "<End-of-Retrieve>" + FINAL]
+  for step, sample in enumerate(samples):
+    target = [t for t, m in zip(sample.answer, sample.answer_target) if m]
+    assert tok.decode(target) == targets[step]
+    assert list(sample.positive_docs) == [[2], [2], [0], [0], [0]][step]
+    if step < 4:
+      assert tok.decode(_prompt_ids(sample)) == prompts[step]
+  routed = [t for t, r in zip(samples[1].context, samples[1].context_route) if r]
+  assert tok.decode(routed) == "[4]. Erik Holm is a baker.\n"
+  assert plain.with_misses([(), ()]).rounds == plain.rounds
+  assert record_step_samples(plain.with_misses([(), ()]), tok) == record_step_samples(plain, tok)
+
+
+@pytest.mark.parametrize("misses, message", [
+    ([(3,)], "1 miss tuples for 2 hops"),
+    ([(2,), ()], r"misses \[2\] of hop 0 must be non-gold documents"),
+    ([(), (0,)], r"misses \[0\] of hop 1 must be non-gold"),
+    ([(), (9,)], r"misses \[9\] of hop 1 must be non-gold documents within \[0, 4\)"),
+])
+def test_bad_misses_are_errors(misses, message):
+  record = make_record(DOCS + ("Mia Watts is a pilot.",), QUESTION, ANSWER, [[2], [0]])
+  with pytest.raises(ValueError, match=message):
+    record.with_misses(misses)

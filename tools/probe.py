@@ -1,5 +1,6 @@
 """Teacher-forced probe of a trained model on held-out synthetic records: accuracy and mean
-log-probability per target-token class (format, id digits, answer), normally, with the gold text
+log-probability per target-token class (format, id digits, answer, the retrieve-or-stop
+decision), normally, with the gold text
 appended and with the gold documents forced into the selection (see msa_jax/training/probe.py).
 
   python tools/probe.py --model=models/tiny_msa --task=fact_lookup --memory_tokens=16384 \
@@ -39,6 +40,11 @@ _MAX_DOC = flags.DEFINE_integer("max_doc_tokens", None, "Longest document; defau
                                 "train_config.json's (without one, the training defaults: "
                                 "probing a model on documents longer than it trained on measures "
                                 "something else).")
+_NAME_NEG = flags.DEFINE_integer("name_negatives", 0, "Distractors that are near-namesakes of a "
+                                 "gold subject (fact_lookup, multi_hop).")
+_MISS_RATE = flags.DEFINE_float("miss_rate", 0.0, "Miss rounds (a wrong card injected before a "
+                                "hop's round; data.miss_rate): the after_miss steps measure "
+                                "whether the model retrieves again (fact_lookup, multi_hop).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Records whose prompts are scored together.")
 _BLOCK = flags.DEFINE_integer("attention_block", 128, "Tile edge of the blockwise attention (speed "
                               "only: small tiles skip more of a row of short documents on CPU).")
@@ -94,7 +100,8 @@ def main(argv):
     align_to = loaded.msa_config.doc_align_to
     source = SyntheticRecords(((_TASK.value, 1.0),), _SEED.value, _NUM.value, _MEMORY.value,
                               *doc_tokens, None,
-                              document_length_fn(tokenizer, align_to), doc_id_max, align_to)
+                              document_length_fn(tokenizer, align_to), doc_id_max, align_to,
+                              name_negatives=_NAME_NEG.value, miss_rate=_MISS_RATE.value)
     records = [source[i] for i in range(_NUM.value)]
     start = time.perf_counter()
     result = probe(loaded.model, loaded.params, tokenizer, records, batch_size=_BATCH.value,
@@ -104,7 +111,8 @@ def main(argv):
   result["settings"] = {"model": _MODEL.value, "task": _TASK.value,
                         "memory_tokens": _MEMORY.value, "num_samples": _NUM.value,
                         "seed": _SEED.value, "doc_id_max": doc_id_max,
-                        "doc_tokens": list(doc_tokens),
+                        "doc_tokens": list(doc_tokens), "name_negatives": _NAME_NEG.value,
+                        "miss_rate": _MISS_RATE.value,
                         "seconds": round(time.perf_counter() - start, 1)}
   print(format_table(result))
   if _OUT.value:

@@ -12,11 +12,20 @@ carries its own display ids (see `transcript.py` for the wrapping).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 
 class RecordError(ValueError):
   """A record (named by where it came from) is malformed."""
+
+
+class Round(NamedTuple):
+  """One retrieval round of a record's transcript: the hop it serves, the documents it injects,
+  and whether it is a miss (a wrong card, `Record.misses`)."""
+
+  hop: int
+  documents: tuple[int, ...]
+  miss: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +43,10 @@ class Record:
   # gold documents). A training option adds distractors here, in a random order, so the model
   # learns to read the right card among several, as it must after a top-k router round.
   injections: tuple[tuple[int, ...], ...] = ()
+  # per hop, the wrong documents a router round injected (each alone, in its own round) before
+  # the hop's documents were retrieved. A training option: the model learns to read the card it
+  # was given and to retrieve again when the card is not the one asked for.
+  misses: tuple[tuple[int, ...], ...] = ()
 
   @property
   def doc_ids(self) -> tuple[int, ...]:
@@ -60,6 +73,29 @@ class Record:
       if not all(0 <= i < len(self.documents) for i in inj):
         raise RecordError(f"injection {h} {list(inj)} is not within [0, {len(self.documents)})")
     return dataclasses.replace(self, injections=injections)
+
+  def with_misses(self, misses) -> "Record":
+    """The same record injecting, before each hop's round, that hop's entry of `misses` (one
+    tuple per hop) one document per round; a miss must not be a gold document."""
+    misses = tuple(tuple(int(i) for i in m) for m in misses)
+    if len(misses) != len(self.hops):
+      raise RecordError(f"{len(misses)} miss tuples for {len(self.hops)} hops")
+    gold = set(self.gold_ids)
+    for h, m in enumerate(misses):
+      if gold & set(m) or not all(0 <= i < len(self.documents) for i in m):
+        raise RecordError(f"misses {list(m)} of hop {h} must be non-gold documents within "
+                          f"[0, {len(self.documents)})")
+    return dataclasses.replace(self, misses=misses)
+
+  @property
+  def rounds(self) -> tuple["Round", ...]:
+    """The retrieval rounds in transcript order: a hop's misses, each alone, then the hop's own
+    round. The step before a round targets its hop's gold ids."""
+    out = []
+    for h in range(len(self.hops)):
+      out += [Round(h, (i,), True) for i in (self.misses[h] if self.misses else ())]
+      out.append(Round(h, self.injected(h), False))
+    return tuple(out)
 
   @property
   def gold_ids(self) -> tuple[int, ...]:

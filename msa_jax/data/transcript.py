@@ -5,6 +5,10 @@ chain into samples that each cover one step): step h < H is conditioned on the q
 documents retrieved in steps 0..h-1 and its target is the ids of step h; step H (the answer step) is
 conditioned on the whole retrieval transcript and its target is `<End-of-Retrieve>` followed by the
 final answer, with the driver's question restatement in between as context that is not predicted.
+A record with misses (`Record.misses`, a training option) has more rounds than hops: a miss round
+injects a wrong card, as a router round that picked a near-namesake does, and the step after it
+still targets its hop's gold ids, so the model learns to retrieve again rather than to answer
+from a card about someone else.
 
 Prompt of step h (MSA_REFERENCE_IMPL.md §5.3), in pieces:
 
@@ -48,8 +52,19 @@ from msa_jax.data.tokenizer import CONTENT
 
 
 def num_steps(record: Record) -> int:
-  """Samples one record gives: one per retrieval step plus the answer step."""
-  return len(record.hops) + 1
+  """Samples one record gives: one per retrieval round (`Record.rounds`) plus the answer step."""
+  return len(record.rounds) + 1
+
+
+def retrieval_hop(record: Record, step: int) -> int | None:
+  """The hop whose gold ids step `step` targets (None: the answer step)."""
+  rounds = record.rounds
+  return rounds[step].hop if step < len(rounds) else None
+
+
+def follows_miss(record: Record, step: int) -> bool:
+  """Whether step `step` comes right after a miss round (so it must retrieve again)."""
+  return 0 < step and record.rounds[step - 1].miss
 
 
 def _encode(tokenizer, text: str, content: str | None = None) -> list[int]:
@@ -122,30 +137,30 @@ def retrieval_context(rounds: Sequence[tuple[Sequence[int], Sequence[tuple[int, 
 
 
 def _context(record: Record, step: int, tokenizer) -> Context:
-  """The transcript of the record's retrieval steps 0..step-1: the gold rounds, each writing the
-  ids of what it injects (`Record.injected`: the gold documents, or them among distractors)."""
+  """The transcript of the record's rounds 0..step-1 (`Record.rounds`), each writing the ids of
+  what it injects: a hop's gold documents (or them among distractors), or a miss."""
   rounds = []
-  for h in range(step):
-    entries = [(record.doc_ids[i], record.documents[i]) for i in record.injected(h)]
+  for done in record.rounds[:step]:
+    entries = [(record.doc_ids[i], record.documents[i]) for i in done.documents]
     rounds.append((_encode(tokenizer, pf.round_ids([i for i, _ in entries])), entries))
   return retrieval_context(rounds, tokenizer)
 
 
 def record_step_sample(record: Record, step: int, tokenizer, *, align_to: int = 0) -> Sample:
-  """The sample of one step: 0 <= step < len(record.hops) is a retrieval step, step ==
-  len(record.hops) the answer step. `tokenizer` is a `Tokenizer`; `align_to` as in
-  `document_ids`."""
-  n_hops = len(record.hops)
-  if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= n_hops:
-    raise ValueError(f"step {step!r} outside [0, {n_hops}] for a record with {n_hops} retrieval "
-                     f"steps")
+  """The sample of one step: 0 <= step < len(record.rounds) is the retrieval step before round
+  `step` (its target: the round's hop's gold ids, after a miss too), step == len(record.rounds)
+  the answer step. `tokenizer` is a `Tokenizer`; `align_to` as in `document_ids`."""
+  n_rounds = len(record.rounds)
+  if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= n_rounds:
+    raise ValueError(f"step {step!r} outside [0, {n_rounds}] for a record with {n_rounds} "
+                     f"retrieval steps")
   documents = [document_ids(tokenizer, i, text, align_to)
                for i, text in zip(record.doc_ids, record.documents)]
   context = _context(record, step, tokenizer)
-  if step < n_hops:
-    answer = _encode(tokenizer, pf.round_ids([record.doc_ids[i] for i in record.hops[step]]))
+  if step < n_rounds:
+    positives = record.hops[retrieval_hop(record, step)]
+    answer = _encode(tokenizer, pf.round_ids([record.doc_ids[i] for i in positives]))
     answer_target, answer_value = [True] * len(answer), []
-    positives = record.hops[step]
   else:
     answer, answer_target, answer_value = [], [], []
     prefix, value, end = pf.final_answer_pieces(record.answer)

@@ -6,17 +6,22 @@ reports both per class:
 - `id_digits`: the digits of the `[n]` ids a retrieval step writes;
 - `answer`: the tokens of the final answer value (a token straddling it, like ` blue` after `is:`,
   counts as answer);
-- `format`: every other target token (brackets, `<|object_ref_end|>`, `<End-of-Retrieve>`, the
-  answer prefix, `<|im_end|>`).
+- `decision`: the first target token of a step, `[` (retrieve) or `<End-of-Retrieve>` (stop and
+  answer): whether the model asks for more documents where it should;
+- `format`: every other target token (brackets, `<|object_ref_end|>`, the answer prefix,
+  `<|im_end|>`).
 Classes come from the character offsets of each piece tokenized exactly as transcript.py tokenizes
 it, checked against the sample's ids, never from token ids alone.
 
-Three conditions, each over every step, reported per step kind (retrieval steps, answer step):
+Three conditions, each over every step, reported per step kind (`retrieval` steps; `after_miss`,
+the retrieval steps right after a miss round, `Record.misses`, which must retrieve again; the
+`answer` step):
 - `normal`: the sample as trained;
 - `gold_text_appended`: the step's gold documents injected as text (`[i]. text\\n
   <|object_ref_end|>`, not routing) after the context, just before the target. The answer step's
   transcript already holds every hop's gold text, so there it equals `normal`. This measures
-  copying from the context alone;
+  copying from the context alone (a retrieval step's `decision` here is not meaningful: with
+  the gold text already given, stopping is a fair guess);
 - `gold_forced`: the step's gold documents forced into every router layer's top-k (`ForcedView`):
   id reading and answer copying from memory with router errors taken out.
 Also: router recall@1 per router layer (the router's own scores) and, per condition, how often
@@ -42,7 +47,8 @@ from msa_jax.data import prompt_format as pf
 from msa_jax.data.batch_builder import Sample, build_batch, build_memory_batch
 from msa_jax.data.records import Record
 from msa_jax.data.tokenizer import Tokenizer
-from msa_jax.data.transcript import num_steps, record_step_sample, retrieval_context
+from msa_jax.data.transcript import (follows_miss, num_steps, record_step_sample,
+                                     retrieval_context, retrieval_hop)
 from msa_jax.model import entry_points
 from msa_jax.model.forced_view import ForcedView
 from msa_jax.model.memory_view import MemoryView
@@ -50,9 +56,9 @@ from msa_jax.model.model import MSAForCausalLM
 from msa_jax.training.losses import selection_recall
 
 CONDITIONS = ("normal", "gold_text_appended", "gold_forced")
-STEP_KINDS = ("retrieval", "answer")
-CLASSES = ("format", "id_digits", "answer")
-FORMAT, ID_DIGITS, ANSWER = range(len(CLASSES))
+STEP_KINDS = ("retrieval", "after_miss", "answer")
+CLASSES = ("format", "id_digits", "answer", "decision")
+FORMAT, ID_DIGITS, ANSWER, DECISION = range(len(CLASSES))
 NORMAL, APPENDED, FORCED = range(len(CONDITIONS))
 _PROMPT_MULTIPLE = 256  # prompt rows are padded to a multiple of this: few shapes, few compilations
 _ROUND_ID = re.compile(r"\[(\d+)\]")
@@ -73,8 +79,9 @@ def target_classes(record: Record, step: int, sample: Sample, tokenizer: Tokeniz
   """The class (index into CLASSES; -1: no target) of each answer token of `sample`, the step's
   `record_step_sample`. Its pieces are rebuilt as transcript.py builds them and must give the
   sample's ids and target flags."""
-  if step < len(record.hops):
-    ids = [record.doc_ids[i] for i in record.hops[step]]
+  hop = retrieval_hop(record, step)
+  if hop is not None:
+    ids = [record.doc_ids[i] for i in record.hops[hop]]
     text = pf.round_ids(ids)
     found = list(_ROUND_ID.finditer(text))
     if [int(m.group(1)) for m in found] != ids:
@@ -90,6 +97,7 @@ def target_classes(record: Record, step: int, sample: Sample, tokenizer: Tokeniz
               _piece(tokenizer, final, True, [(ANSWER, (start, start + len(record.answer)))])]
   ids = [i for p in pieces for i in p[0]]
   classes = np.array([c for p in pieces for c in p[1]], np.int32)
+  classes[np.flatnonzero(classes >= 0)[:1]] = DECISION
   targets = list(sample.answer_target) or [True] * len(sample.answer)
   if ids != list(sample.answer) or [c >= 0 for c in classes] != targets:
     raise ValueError(f"step {step} of {record.question!r}: the probe's pieces no longer match "
@@ -100,9 +108,10 @@ def target_classes(record: Record, step: int, sample: Sample, tokenizer: Tokeniz
 def append_gold_text(record: Record, step: int, sample: Sample, tokenizer: Tokenizer) -> Sample:
   """`sample` (the step's) with the step's gold documents injected, not routing, before the target;
   the answer step unchanged (its transcript already holds them)."""
-  if step == len(record.hops):
+  hop = retrieval_hop(record, step)
+  if hop is None:
     return sample
-  entries = [(record.doc_ids[i], record.documents[i]) for i in record.hops[step]]
+  entries = [(record.doc_ids[i], record.documents[i]) for i in record.hops[hop]]
   extra = retrieval_context([((), entries)], tokenizer)
   return dataclasses.replace(sample, context=list(sample.context) + extra.ids,
                              context_route=list(sample.context_route) + [False] * len(extra.ids),
@@ -132,7 +141,8 @@ class _Item:
 def _items(record: Record, row: int, tokenizer: Tokenizer, align_to: int) -> list[_Item]:
   out = []
   for step in range(num_steps(record)):
-    kind = STEP_KINDS.index("retrieval" if step < len(record.hops) else "answer")
+    kind = STEP_KINDS.index("answer" if retrieval_hop(record, step) is None else
+                            "after_miss" if follows_miss(record, step) else "retrieval")
     sample = record_step_sample(record, step, tokenizer, align_to=align_to)
     classes = target_classes(record, step, sample, tokenizer)
     appended = append_gold_text(record, step, sample, tokenizer)
@@ -272,22 +282,22 @@ def probe(model: MSAForCausalLM, params, tokenizer: Tokenizer, records: Sequence
 
 def format_table(result: dict) -> str:
   """The probe's numbers as a plain-text table."""
-  lines = [f"{'condition':<19} {'step':<9} {'class':<9} {'count':>6} {'accuracy':>8} "
+  lines = [f"{'condition':<19} {'step':<10} {'class':<9} {'count':>6} {'accuracy':>8} "
            f"{'logprob':>8}"]
   fmt = lambda v: "-" if v is None else f"{v:.3f}"
   for cond, kinds in result["metrics"].items():
     for kind, classes in kinds.items():
       for cls, s in classes.items():
         if s["count"] or cls == "all":
-          lines.append(f"{cond:<19} {kind:<9} {cls:<9} {s['count']:>6} {fmt(s['accuracy']):>8} "
+          lines.append(f"{cond:<19} {kind:<10} {cls:<9} {s['count']:>6} {fmt(s['accuracy']):>8} "
                        f"{fmt(s['mean_logprob']):>8}")
   layers = list(result["router_recall@1"]["retrieval"])
-  lines.append(f"{'router':<29} " + " ".join(f"{l:>8}" for l in layers))
+  lines.append(f"{'router':<30} " + " ".join(f"{l:>8}" for l in layers))
   for kind, per in result["router_recall@1"].items():
-    lines.append(f"{'recall@1':<19} {kind:<9} " + " ".join(f"{fmt(v):>8}" for v in per.values()))
+    lines.append(f"{'recall@1':<19} {kind:<10} " + " ".join(f"{fmt(v):>8}" for v in per.values()))
   for cond, kinds in result["gold_in_selection"].items():
     for kind, per in kinds.items():
-      lines.append(f"{'gold selected':<19} {kind:<9} " + " ".join(f"{fmt(v):>8}"
+      lines.append(f"{'gold selected':<19} {kind:<10} " + " ".join(f"{fmt(v):>8}"
                                                                  for v in per.values())
                    + f"  ({cond})")
   return "\n".join(lines)

@@ -58,6 +58,8 @@ class DataConfig:
   name_negatives: int = 0
   # ... and each retrieved card is injected among up to this many distractor cards (tasks.py)
   context_distractors: int = 0
+  # ... and before each hop's round, wrong-card rounds with this probability (geometric, tasks.py)
+  miss_rate: float = 0.0
   num_records: int = 1_000_000
   doc_id_max: int = 0  # > 0: synthetic memories are random subsets of a bank of up to this size
   answer_fraction: float | None = None  # share of answer steps (None: uniform over steps)
@@ -189,7 +191,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
   if d.long_doc_fraction and d.long_max_doc_tokens <= d.max_doc_tokens:
     raise TrainConfigError(f"data.long_max_doc_tokens ({d.long_max_doc_tokens}) must exceed "
                            f"data.max_doc_tokens ({d.max_doc_tokens}) when long_doc_fraction > 0")
-  for name in ("name_negatives", "context_distractors"):
+  if not 0.0 <= d.miss_rate < 1.0:
+    raise TrainConfigError(f"data.miss_rate must be in [0, 1), got {d.miss_rate}")
+  for name in ("name_negatives", "context_distractors", "miss_rate"):
     value = getattr(d, name)
     if value < 0:
       raise TrainConfigError(f"data.{name} must be >= 0, got {value}")

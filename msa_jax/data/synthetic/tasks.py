@@ -26,6 +26,13 @@ Context distractors: the same tasks take `context_distractors` = n, which inject
 card into the context among 0..n (uniform) distractor cards (near-namesakes of its subject
 first, in a random order; `Record.injections`), so the model learns to read the asked person's
 card among the router's top few rather than the one card it was given.
+
+Miss rounds: the same tasks take `miss_rate` = p, which puts before each hop's round k rounds
+that each inject one wrong card (near-namesakes of the hop's subject first; `Record.misses`),
+with P(k >= j) = p**j up to `MAX_MISSES`. The router's top-1 is such a near-namesake when it
+errs, and after a miss the step still targets the hop's gold ids: the model learns to check the
+injected card's name against the one asked for and to retrieve again, so Memory Interleave can
+recover from a routing miss instead of answering from someone else's card.
 """
 
 from __future__ import annotations
@@ -324,22 +331,54 @@ def card_subject(card: str) -> str:
   return card.split(".", 1)[0]
 
 
+def _near_namesakes_first(rng, record: Record, hop: Sequence[int], used: set[int]) -> list[int]:
+  """The record's documents not in `used`, in a random order with the near-namesakes of the hop's
+  subject (its last card's) first."""
+  names = [card_subject(doc).split() for doc in record.documents]
+  first, last = names[hop[-1]][0], names[hop[-1]][-1]
+  others = [int(i) for i in rng.permutation(len(record.documents)) if int(i) not in used]
+  near = [i for i in others if names[i][0] == first or names[i][-1] == last]
+  return near + [i for i in others if i not in near]
+
+
 def _with_context_distractors(rng, record: Record, n: int) -> Record:
   """`record` injecting each hop's card among up to n other cards (see the module doc); n = 0 draws
   nothing from the rng, so it changes no record."""
   if n == 0:
     return record
-  names = [card_subject(doc).split() for doc in record.documents]
   used = set(record.gold_ids)  # a card is injected once, as the driver skips injected ones
   injections = []
   for hop in record.hops:
-    first, last = names[hop[-1]][0], names[hop[-1]][-1]
-    others = [int(i) for i in rng.permutation(len(record.documents)) if int(i) not in used]
-    near = [i for i in others if names[i][0] == first or names[i][-1] == last]
-    extras = (near + [i for i in others if i not in near])[:int(rng.integers(n + 1))]
+    extras = _near_namesakes_first(rng, record, hop, used)[:int(rng.integers(n + 1))]
     used.update(extras)
     injections.append(tuple(int(i) for i in rng.permutation(list(hop) + extras)))
   return record.with_injections(injections)
+
+
+MAX_MISSES = 3  # miss rounds before one hop, at most
+
+
+def _with_misses(rng, record: Record, rate: float) -> Record:
+  """`record` with miss rounds (see the module doc): before each hop, k wrong cards, each in its
+  own round, where P(k >= j) = rate**j up to MAX_MISSES; near-namesakes of the hop's subject
+  first. rate = 0 draws nothing from the rng, so it changes no record."""
+  if rate == 0:
+    return record
+  used = set(record.gold_ids) | {i for h in range(len(record.hops)) for i in record.injected(h)}
+  misses = []
+  for hop in record.hops:
+    k = 0
+    while k < MAX_MISSES and rng.random() < rate:
+      k += 1
+    wrong = _near_namesakes_first(rng, record, hop, used)[:k] if k else []
+    used.update(wrong)
+    misses.append(tuple(wrong))
+  return record.with_misses(misses)
+
+
+def _check_rate(task, name, value):
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+    raise ValueError(f"{task}: {name} must be a number in [0, 1), got {value!r}")
 
 
 def _question_attr(rng) -> str:
@@ -366,15 +405,17 @@ def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TO
                 length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                 max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
                 min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0,
-                name_negatives: int = 0, context_distractors: int = 0) -> Record:
+                name_negatives: int = 0, context_distractors: int = 0,
+                miss_rate: float = 0.0) -> Record:
   """Fact cards `First Last. attr: value. ...` + filler; asks one attribute of one entity.
   `align_to` (every task takes it): the documents' layout, which gold documents leave room for.
-  `name_negatives`, `context_distractors`: see the module doc."""
+  `name_negatives`, `context_distractors`, `miss_rate`: see the module doc."""
   task = "fact_lookup"
   _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "fact", align_to)
   _check_attributes(task, min_attributes, max_attributes)
   _check_count(task, "name_negatives", name_negatives)
   _check_count(task, "context_distractors", context_distractors)
+  _check_rate(task, "miss_rate", miss_rate)
   rng = _rng(task, seed, index)
   ents = _entities(rng)
 
@@ -397,7 +438,7 @@ def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TO
                            memory_tokens, length_fn, max_docs)
   record = make_record(docs, f"What is the {attr} of {name}?", value, [(gid,)], task,
                        _where(task, seed, index))
-  return _with_context_distractors(rng, record, context_distractors)
+  return _with_misses(rng, _with_context_distractors(rng, record, context_distractors), miss_rate)
 
 
 class _Peekable:
@@ -420,18 +461,20 @@ def multi_hop(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKE
               max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
               num_hops: int | None = None, min_hops: int = 2, max_hops: int = 4,
               min_attributes: int = 3, max_attributes: int = 5, align_to: int = 0,
-              name_negatives: int = 0, context_distractors: int = 0) -> Record:
+              name_negatives: int = 0, context_distractors: int = 0,
+              miss_rate: float = 0.0) -> Record:
   """A chain E0 -r0-> E1 -r1-> ... -> E_{h-1}: asks an attribute of E_{h-1} through the relations.
 
   Document j (of E_j) states `r_j: E_{j+1}.`; the last one holds the asked attribute. hops are the
   chain's documents in order. `num_hops` fixes h, else it is drawn in [min_hops, max_hops].
-  `name_negatives` (near-namesakes of any chain entity), `context_distractors`: see the module
-  doc."""
+  `name_negatives` (near-namesakes of any chain entity), `context_distractors`, `miss_rate`: see
+  the module doc."""
   task = "multi_hop"
   _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "chain", align_to)
   _check_attributes(task, min_attributes, max_attributes)
   _check_count(task, "name_negatives", name_negatives)
   _check_count(task, "context_distractors", context_distractors)
+  _check_rate(task, "miss_rate", miss_rate)
   if not 2 <= min_hops <= max_hops:
     raise ValueError(f"{task}: need 2 <= min_hops <= max_hops, got {min_hops}, {max_hops}")
   if num_hops is not None and num_hops < 2:
@@ -472,7 +515,7 @@ def multi_hop(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKE
   path = "".join(f" of the {r}" for r in reversed(relations))
   question = f"What is the {attr}{path} of {world.entity_name(chain[0])}?"
   record = make_record(docs, question, value, [(g,) for g in gids], task, _where(task, seed, index))
-  return _with_context_distractors(rng, record, context_distractors)
+  return _with_misses(rng, _with_context_distractors(rng, record, context_distractors), miss_rate)
 
 
 def _magic_values(rng, n: int) -> list[str]:
