@@ -4,6 +4,7 @@ first writer is killed, the next one takes over its lock (saying so) and resumes
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,7 +29,8 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
   bank = tmp_path / "bank"
   logs = []
   with BankLock(str(bank), logs.append):
-    with pytest.raises(BankError, match=rf"being written by pid {os.getpid()} on host .*pytest"):
+    command = re.escape(" ".join(sys.argv)[:300])  # what the lock records of this process
+    with pytest.raises(BankError, match=rf"being written by pid {os.getpid()} on host .*{command}"):
       BankLock(str(bank)).__enter__()
   assert not os.path.exists(lock_path(str(bank))) and not logs  # a clean release leaves nothing
   with open(lock_path(str(bank)), "w") as f:  # what a killed holder leaves
