@@ -331,12 +331,12 @@ def card_subject(card: str) -> str:
   return card.split(".", 1)[0]
 
 
-def _near_namesakes_first(rng, record: Record, hop: Sequence[int], used: set[int]) -> list[int]:
-  """The record's documents not in `used`, in a random order with the near-namesakes of the hop's
-  subject (its last card's) first."""
-  names = [card_subject(doc).split() for doc in record.documents]
+def _near_namesakes_first(rng, names: Sequence[Sequence[str]], hop: Sequence[int],
+                          used: set[int]) -> list[int]:
+  """The documents (their subjects' `names`) not in `used`, in a random order with the
+  near-namesakes of the hop's subject (its last card's) first."""
   first, last = names[hop[-1]][0], names[hop[-1]][-1]
-  others = [int(i) for i in rng.permutation(len(record.documents)) if int(i) not in used]
+  others = [int(i) for i in rng.permutation(len(names)) if int(i) not in used]
   near = [i for i in others if names[i][0] == first or names[i][-1] == last]
   return near + [i for i in others if i not in near]
 
@@ -346,10 +346,11 @@ def _with_context_distractors(rng, record: Record, n: int) -> Record:
   nothing from the rng, so it changes no record."""
   if n == 0:
     return record
+  names = [card_subject(doc).split() for doc in record.documents]
   used = set(record.gold_ids)  # a card is injected once, as the driver skips injected ones
   injections = []
   for hop in record.hops:
-    extras = _near_namesakes_first(rng, record, hop, used)[:int(rng.integers(n + 1))]
+    extras = _near_namesakes_first(rng, names, hop, used)[:int(rng.integers(n + 1))]
     used.update(extras)
     injections.append(tuple(int(i) for i in rng.permutation(list(hop) + extras)))
   return record.with_injections(injections)
@@ -364,13 +365,14 @@ def _with_misses(rng, record: Record, rate: float) -> Record:
   first. rate = 0 draws nothing from the rng, so it changes no record."""
   if rate == 0:
     return record
-  used = set(record.gold_ids) | {i for h in range(len(record.hops)) for i in record.injected(h)}
+  names = [card_subject(doc).split() for doc in record.documents]
+  used = {i for h in range(len(record.hops)) for i in record.injected(h)}  # holds every gold
   misses = []
   for hop in record.hops:
     k = 0
     while k < MAX_MISSES and rng.random() < rate:
       k += 1
-    wrong = _near_namesakes_first(rng, record, hop, used)[:k] if k else []
+    wrong = _near_namesakes_first(rng, names, hop, used)[:k] if k else []
     used.update(wrong)
     misses.append(tuple(wrong))
   return record.with_misses(misses)
