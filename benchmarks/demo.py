@@ -59,6 +59,7 @@ class DemoSettings:
   sizes: tuple[int, ...] = (1 << 14, 1 << 16)  # with the baseline, ~1 minute on 2 CPU cores
   num_single: int = 8
   num_multi: int = 4
+  num_needle: int = 0  # RULER-style single needles in the haystack part of the memory
   seed: int = 0
   min_doc_tokens: int = 16
   max_doc_tokens: int = 64  # 16-64: the document lengths the shipped model is retrained on
@@ -132,7 +133,7 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
   start = time.perf_counter()
   pool = memory_pool.build_pool(
       sizes[-1], num_single=settings.num_single, num_multi=settings.num_multi,
-      seed=settings.seed, length_fn=length, min_doc_tokens=settings.min_doc_tokens,
+      num_needle=settings.num_needle, seed=settings.seed, length_fn=length, min_doc_tokens=settings.min_doc_tokens,
       max_doc_tokens=settings.max_doc_tokens, align_to=align_to)
   log(f"built a pool of {len(pool.documents)} documents ({pool.num_gold} gold) for "
       f"{len(pool.questions)} questions in {time.perf_counter() - start:.1f} s")

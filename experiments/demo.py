@@ -5,6 +5,7 @@ retrieval rounds and answer, then a table of memory size vs accuracy, saved as J
   python experiments/demo.py                                       # ~1 minute on 2 CPU cores
   python experiments/demo.py --memory_tokens=1048576 --sizes=16384,65536,262144   # 16K to 1M
   python experiments/demo.py --num_single=32 --num_multi=16        # finer accuracy
+  python experiments/demo.py --num_needle=8                        # RULER-style needles too
   python experiments/demo.py --router_only                         # retrieve by router score
   python experiments/demo.py --norouted_ids                        # the official free-id loop
 
@@ -34,6 +35,10 @@ _SINGLE = flags.DEFINE_integer("num_single", DemoSettings.num_single,
                                "Single-hop (fact lookup) questions.")
 _MULTI = flags.DEFINE_integer("num_multi", DemoSettings.num_multi,
                               "Multi-hop (2-4 step chain) questions.")
+_NEEDLE = flags.DEFINE_integer("num_needle", DemoSettings.num_needle,
+                               "RULER-style single-needle questions (the magic number of a key "
+                               "hidden in filler; needles sit among haystacks once the memory "
+                               "holds all 3,600 people, from ~160K tokens).")
 _MAX_DOC = flags.DEFINE_integer("max_doc_tokens", DemoSettings.max_doc_tokens,
                                 "Longest synthetic document, in tokens (the shortest is "
                                 f"{DemoSettings.min_doc_tokens}).")
@@ -68,7 +73,8 @@ def main(argv):
   given = lambda holder: holder.value if holder.present else None
   loaded = msa_jax.load(_CHECKPOINT.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
-                          seed=_SEED.value, max_doc_tokens=_MAX_DOC.value,
+                          num_needle=_NEEDLE.value, seed=_SEED.value,
+                          max_doc_tokens=_MAX_DOC.value,
                           interleave=demo_interleave(_MAX_ROUNDS.value,
                                                      router_only=_ROUTER_ONLY.value,
                                                      routed_ids=given(_ROUTED_IDS),

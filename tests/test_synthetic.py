@@ -200,6 +200,26 @@ def test_aligned_memory_pool_levels_fit_their_size():
     assert level.tokens > 0.8 * size  # filled, not tiny
 
 
+def test_memory_pool_needle_questions_have_one_needle_each():
+  # past the world's 3,600 people the pool fills with haystacks (the odd one with a needle)
+  pool = memory_pool.build_pool(200_000, num_single=1, num_multi=0, num_needle=3, seed=0,
+                                length_fn=default_length_fn(), max_doc_tokens=64)
+  needles = [q for q in pool.questions if q.task == "niah_single"]
+  assert len(needles) == 3 and len(pool.questions) == 4
+  found = [(m.group(1), m.group(2), i) for i, d in enumerate(pool.documents)
+           for m in NEEDLE_RE.finditer(d)]
+  subjects = {subject(d) for d in pool.documents}
+  for q in needles:
+    key = re.search(r"number for (\w+ \w+) mentioned", q.question).group(1)
+    assert [(v, i) for k, v, i in found if k == key] == [(q.answer, q.hops[0][0])]
+    assert key not in subjects  # no card is about the needle's key either
+  level = memory_pool.level(pool, 100_000, seed=0, length_fn=default_length_fn())
+  for q in level.questions:  # a smaller level still holds every gold needle
+    if q.task == "niah_single":
+      assert f"for {q.question.split('for ')[1].split(' mentioned')[0]} is: {q.answer}." in \
+          level.texts[level.gold_ids(q)[0]]
+
+
 def test_custom_length_fn_is_respected():
   chars = lambda wrapped: len(wrapped)  # e.g. a budget in characters
   r = generate("fact_lookup", 0, 1, memory_tokens=5000, length_fn=chars, max_doc_tokens=100)

@@ -1,12 +1,13 @@
 """A shared synthetic memory for the demo: documents pooled from many synthetic records, and
-single-hop and multi-hop questions whose gold documents it holds.
+single-hop, multi-hop and needle questions whose gold documents it holds.
 
 The synthetic generators draw each record's facts independently, so two records can describe the
 same person differently. A pooled memory therefore keeps at most one card per person (a card's
 subject is its first sentence, `First Last.`): question records are taken only when none of their
 gold cards' subjects is taken yet, and distractor cards of a taken subject are skipped. Once the
 world runs out of people (3,600), RULER-style haystack documents (filler prose, the odd magic-number
-needle) fill the rest of the memory.
+needle) fill the rest of the memory. Needle questions (RULER-style single needle) ask the magic
+number of a key that no other needle and no card's subject in the pool shares.
 
 `levels(sizes)` cuts nested memories of several sizes: every level holds every question's gold
 documents plus the first distractors that fit, in a random order with random display ids, so the
@@ -23,7 +24,7 @@ import numpy as np
 
 from msa_jax.data import prompt_format as pf
 from msa_jax.data.synthetic import generate
-from msa_jax.data.synthetic.tasks import card_subject
+from msa_jax.data.synthetic.tasks import card_subject, needle_keys
 
 _WIDEST_ID = 10 ** 6 - 1  # documents are costed with the widest id they could get
 
@@ -64,31 +65,33 @@ class SyntheticPool:
 
 def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int,
                length_fn: Callable[[str], int], min_doc_tokens: int = 16,
-               max_doc_tokens: int = 512, align_to: int = 0) -> SyntheticPool:
-  """Questions (`num_single` fact lookups, `num_multi` multi-hop chains) and enough distractors to
-  fill `memory_tokens` wrapped tokens, in the documents' layout `align_to` (the one `length_fn`
-  counts, `transcript.document_length_fn`)."""
-  if num_single < 0 or num_multi < 0 or num_single + num_multi == 0:
-    raise ValueError(f"need at least one question, got {num_single} single-hop and {num_multi} "
-                     f"multi-hop")
+               max_doc_tokens: int = 512, align_to: int = 0, num_needle: int = 0) -> SyntheticPool:
+  """Questions (`num_single` fact lookups, `num_multi` multi-hop chains, `num_needle` single
+  needles) and enough distractors to fill `memory_tokens` wrapped tokens, in the documents'
+  layout `align_to` (the one `length_fn` counts, `transcript.document_length_fn`)."""
+  counts = (("fact_lookup", num_single), ("multi_hop", num_multi), ("niah_single", num_needle))
+  if min(n for _, n in counts) < 0 or sum(n for _, n in counts) == 0:
+    raise ValueError(f"need at least one question, got {num_single} single-hop, {num_multi} "
+                     f"multi-hop and {num_needle} needle")
   cost = lambda text: length_fn(pf.wrap_document(_WIDEST_ID, text))
   taken: set[str] = set()
   documents: list[str] = []
   questions: list[Question] = []
   doc_params = dict(min_doc_tokens=min_doc_tokens, max_doc_tokens=max_doc_tokens,
                     length_fn=length_fn, align_to=align_to)
-  for task, count in (("fact_lookup", num_single), ("multi_hop", num_multi)):
+  for task, count in counts:
     for index in itertools.count():
       if sum(q.task == task for q in questions) == count:
         break
       if index > 100 * count + 100:
         raise RuntimeError(f"could not draw {count} {task} questions with distinct subjects")
       # a record of only its gold documents: room for each at its longest, no distractors
-      n_gold = 1 if task == "fact_lookup" else 4
+      n_gold = 4 if task == "multi_hop" else 1
       record = generate(task, seed, index, memory_tokens=n_gold * (max_doc_tokens + 64 + align_to),
-                        max_docs=n_gold if task == "fact_lookup" else None, **doc_params)
+                        max_docs=None if task == "multi_hop" else n_gold, **doc_params)
       gold = [i for hop in record.hops for i in hop]
-      subjects = [card_subject(record.documents[i]) for i in gold]
+      subject = needle_keys if task == "niah_single" else lambda d: [card_subject(d)]
+      subjects = [s for i in gold for s in subject(record.documents[i])]
       if len(set(subjects)) < len(subjects) or taken & set(subjects):
         continue
       taken.update(subjects)
@@ -115,6 +118,8 @@ def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int
       total += cost(d)
   for index in itertools.count():
     for d in generate("niah_single", seed + 2, index, memory_tokens=big, **doc_params).documents:
+      if taken & set(needle_keys(d)):
+        continue  # a second needle of an asked key would make its answer ambiguous
       if total + cost(d) > memory_tokens:
         return SyntheticPool(documents, num_gold, questions)
       documents.append(d)

@@ -216,6 +216,14 @@ def _needle(key: str, value: str) -> str:
   return f"The special magic number for {key} is: {value}."
 
 
+_NEEDLE_KEY = re.compile(r"The special magic number for (.+?) is: ")
+
+
+def needle_keys(document: str) -> list[str]:
+  """The keys of the needles a document holds (`The special magic number for KEY is: ...`)."""
+  return _NEEDLE_KEY.findall(document)
+
+
 def _haystack(rng, min_tokens: int, max_tokens: int, needle: str | None = None,
               cap: int | None = None) -> str:
   """Filler passage of a drawn length; `needle` (if any) sits at a random sentence boundary."""
