@@ -17,6 +17,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import textwrap
 import time
 from typing import Callable
 
@@ -205,8 +206,8 @@ def _plot(report: dict, path: str) -> None:
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel("memory size (tokens)")
   ax.set_ylabel("fraction of questions")
-  ax.set_title(f"Synthetic memories, {report['questions']} questions\n{report['retrieval']}",
-               fontsize=10)
+  ax.set_title(f"Synthetic memories, {report['questions']} questions\n"
+               + textwrap.fill(report["retrieval"], 70), fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
