@@ -100,12 +100,26 @@ def serve() -> None:
     answers.flush()
 
 
+def _compilation_cache_env() -> dict[str, str]:
+  """The persistent compilation cache of the test process (tests/conftest.py), if it has one, as
+  the server's environment: its runs are sequential, so they share it, and a binary run again with
+  the same model and shapes loads its executables instead of compiling them again."""
+  jax = sys.modules.get("jax")
+  cache_dir = jax.config.jax_compilation_cache_dir if jax is not None else None
+  if not cache_dir:
+    return {}
+  return {"JAX_COMPILATION_CACHE_DIR": cache_dir,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
+              str(jax.config.jax_persistent_cache_min_compile_time_secs)}
+
+
 class BinaryRunner:
   """One server for a test session; `run(argv, ...)` runs `python argv[0] argv[1:]`."""
 
   def __init__(self):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env.update(_compilation_cache_env())
     self._dir = tempfile.mkdtemp(prefix="binary_runner_")
     self._proc = subprocess.Popen([sys.executable, "-m", "tests.binary_runner"], cwd=ROOT, env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
