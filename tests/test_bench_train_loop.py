@@ -41,12 +41,15 @@ def test_trace_summary_says_when_there_is_no_trace(tmp_path):
 
 def test_loop_times_compiled_shapes_and_counts_new_ones():
   """The smoke config's two prompt buckets give the loop batches of a shape not yet
-  compiled: each is counted, not timed, and every other step is timed."""
+  compiled: each is counted, not timed, and every other step is timed. (256-token memories and 4
+  steps keep it small: the first batch takes the 192-token bucket, the loop's first the 384 one.)"""
   config = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                         "tiny_synthetic_smoke.json")
-  report = train_loop.run(train_loop.LoopSettings(config, steps=8),
+  report = train_loop.run(train_loop.LoopSettings(config, overrides=("phases.0.memory_tokens=256",),
+                                                  steps=4),
                           printer=lambda *_: None)
-  assert report["loop_steps_timed"] + report["loop_compiles"] == 8
+  assert report["memory_tokens"] == 256
+  assert report["loop_steps_timed"] + report["loop_compiles"] == 4
   assert report["loop_compiles"] == report["batch_shapes_seen"] - 1
   assert report["loop_compiles"] >= 1  # seed 0 draws both prompt buckets
   assert 0 < report["device_step_s"] and 0 < report["loop_step_s"]
