@@ -199,3 +199,9 @@ def test_splash_lowers_for_a_tpu():
   fn = jax.jit(lambda *x: splash.segment_attention(*x, 512, 512))
   text = fn.trace(*shapes).lower(lowering_platforms=("tpu",)).as_text()
   assert "tpu_custom_call" in text
+
+
+def test_xla_tiles_are_cut_to_the_sequence():
+  assert [api.fitted_block(512, n) for n in (1, 2, 3, 128, 129, 512, 4096)] == [
+      1, 2, 4, 128, 256, 512, 512]
+  assert api.fitted_block(64, 1000) == 64

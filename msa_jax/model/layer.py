@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from msa_jax.config import ModelConfig, MSAConfig
-from msa_jax.kernels.segment_attention.api import segment_attention
+from msa_jax.kernels.segment_attention.api import fitted_block, segment_attention
 from msa_jax.model import router
 from msa_jax.model.attention import Attention
 from msa_jax.model.layers import RMSNorm
@@ -191,5 +191,5 @@ class MSADecoderLayer(nn.Module):
     # (the cache's empty tail and unseen tiles are skipped, no [B, H, n, S] scores)
     n = q.shape[1]
     attended = self._attend(q, cache.k, cache.v, prompt.segment_ids, q_idx, cache.seg, cache.idx,
-                            block_q=min(1 << (n - 1).bit_length(), self.config.attention_block))
+                            block_q=fitted_block(self.config.attention_block, n))
     return self._finish(x, attended), cache

@@ -48,21 +48,30 @@ def _why_not(name, q, k):
   return splash.unsupported(q.shape, k.shape, backend=backend, interpret=backend == "cpu")
 
 
+def fitted_block(block: int, length: int) -> int:
+  """`block`, or the smallest power of two that holds `length` tokens if that is smaller: a tile
+  larger than the sequence only adds padded rows and columns to every score tile (a 128-token
+  memory in 512-token tiles computed 16x the scores it needs)."""
+  return min(block, 1 << max(length - 1, 0).bit_length())
+
+
 def segment_attention(q, k, v, q_seg, q_idx, kv_seg, kv_idx, *, implementation: str = "auto",
                       block_q: int = 512, block_kv: int = 512):
   """See `reference.segment_attention` for shapes and the masking rule; block sizes are the
-  blockwise kernel's (also when it is a kernel's fallback); the band's blocks are `block_kv`."""
+  blockwise kernel's (also when it is a kernel's fallback), each cut to `fitted_block` of its
+  sequence there; the band's blocks are `block_kv`."""
   name = resolve(implementation)
   args = (q, k, v, q_seg, q_idx, kv_seg, kv_idx)
   if name == "reference":
     return reference.segment_attention(*args)
+  xla_blocks = fitted_block(block_q, q.shape[1]), fitted_block(block_kv, k.shape[1])
   if implementation == "blockwise":
-    return blockwise.segment_attention(*args, block_q, block_kv)
+    return blockwise.segment_attention(*args, *xla_blocks)
   if name == "banded":
     if q.shape[1] != k.shape[1]:
       registry.warn_fallback(_warned, "segment attention", name,
                              "it needs as many keys as queries", "blockwise")
-    return banded.band_or_blockwise(*args, block_q, block_kv, gated=False)
+    return banded.band_or_blockwise(*args, *xla_blocks, gated=False)
   if name in ("cudnn", "splash"):
     why = _why_not(name, q, k)
     if why is None and name == "cudnn":
@@ -71,4 +80,4 @@ def segment_attention(q, k, v, q_seg, q_idx, kv_seg, kv_idx, *, implementation: 
       return splash.segment_attention(*args, block_q, block_kv,
                                       interpret=jax.default_backend() == "cpu")
     registry.warn_fallback(_warned, "segment attention", name, why, "blockwise")
-  return banded.band_or_blockwise(*args, block_q, block_kv)
+  return banded.band_or_blockwise(*args, *xla_blocks)
