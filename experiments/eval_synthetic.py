@@ -18,6 +18,7 @@ from absl import flags
 import msa_jax
 from msa_jax.atomic_dir import atomic_write_text
 from msa_jax.cli import quiet_library_logs, run
+from msa_jax.data import prompt_format as pf
 from msa_jax.data.synthetic import TASKS, generate
 from msa_jax.data.transcript import document_length_fn
 from msa_jax.evaluation import EvalShapes, evaluate_records
@@ -31,7 +32,9 @@ _NUM = flags.DEFINE_integer("num_records", 100, "Held-out questions.")
 _SEED = flags.DEFINE_integer("seed", 1000, "Seed of the held-out records (training used others).")
 _MIN_DOC = flags.DEFINE_integer("min_doc_tokens", 16, "Shortest document.")
 _MAX_DOC = flags.DEFINE_integer("max_doc_tokens", 1024, "Longest document.")
-_MAX_DOCS = flags.DEFINE_integer("max_docs", 512, "Most documents in one memory.")
+_MAX_DOCS = flags.DEFINE_integer("max_docs", None, "Most documents in one memory (default: as "
+                                 "many as --memory_tokens holds; a smaller cap also shrinks the "
+                                 "memory, which the printed size shows).")
 _PROMPT = flags.DEFINE_integer("seq_len_prompt", 2048, "Prompt buffer length (holds the retrieved documents' text).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Questions evaluated together.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON results here.")
@@ -56,8 +59,12 @@ def main(argv):
   records = [generate(_TASK.value, _SEED.value, i, memory_tokens=_MEMORY.value, length_fn=length,
                       min_doc_tokens=_MIN_DOC.value, max_doc_tokens=_MAX_DOC.value,
                       max_docs=_MAX_DOCS.value, align_to=align_to) for i in range(_NUM.value)]
-  shapes = EvalShapes(seq_len_mem=_MEMORY.value, max_docs=_MAX_DOCS.value,
-                      seq_len_prompt=_PROMPT.value)
+  docs = [len(r.documents) for r in records]
+  tokens = [sum(length(pf.wrap_document(i, d)) for i, d in zip(r.doc_ids, r.documents))
+            for r in records]
+  print(f"memories: {min(docs)}-{max(docs)} documents, {min(tokens)}-{max(tokens)} tokens "
+        f"(--memory_tokens={_MEMORY.value})", flush=True)
+  shapes = EvalShapes(seq_len_mem=_MEMORY.value, max_docs=max(docs), seq_len_prompt=_PROMPT.value)
   start = time.perf_counter()
 
   def progress(done, total):
@@ -66,7 +73,8 @@ def main(argv):
 
   result = evaluate_records(loaded.model, loaded.params, tokenizer, records, shapes,
                             batch_size=_BATCH.value, progress=progress, record_log=record_log)
-  result["settings"] = settings
+  result["settings"] = {**settings, "memory_documents": [min(docs), max(docs)],
+                        "memory_tokens_held": [min(tokens), max(tokens)]}
   print(format_table(result["summary"]))
   if _OUT.value:
     atomic_write_text(_OUT.value, json.dumps(result, indent=1))
