@@ -134,8 +134,9 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
   start = time.perf_counter()
   pool = memory_pool.build_pool(
       sizes[-1], num_single=settings.num_single, num_multi=settings.num_multi,
-      num_needle=settings.num_needle, seed=settings.seed, length_fn=length, min_doc_tokens=settings.min_doc_tokens,
-      max_doc_tokens=settings.max_doc_tokens, align_to=align_to)
+      num_needle=settings.num_needle, seed=settings.seed, length_fn=length,
+      min_doc_tokens=settings.min_doc_tokens, max_doc_tokens=settings.max_doc_tokens,
+      align_to=align_to)
   log(f"built a pool of {len(pool.documents)} documents ({pool.num_gold} gold) for "
       f"{len(pool.questions)} questions in {time.perf_counter() - start:.1f} s")
   log(f"no memory: the {len(pool.questions)} questions asked of 0 documents")

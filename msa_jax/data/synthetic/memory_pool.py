@@ -80,6 +80,7 @@ def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int
   doc_params = dict(min_doc_tokens=min_doc_tokens, max_doc_tokens=max_doc_tokens,
                     length_fn=length_fn, align_to=align_to)
   for task, count in counts:
+    subjects_of = needle_keys if task == "niah_single" else lambda d: [card_subject(d)]
     for index in itertools.count():
       if sum(q.task == task for q in questions) == count:
         break
@@ -90,8 +91,7 @@ def build_pool(memory_tokens: int, *, num_single: int, num_multi: int, seed: int
       record = generate(task, seed, index, memory_tokens=n_gold * (max_doc_tokens + 64 + align_to),
                         max_docs=None if task == "multi_hop" else n_gold, **doc_params)
       gold = [i for hop in record.hops for i in hop]
-      subject = needle_keys if task == "niah_single" else lambda d: [card_subject(d)]
-      subjects = [s for i in gold for s in subject(record.documents[i])]
+      subjects = [s for i in gold for s in subjects_of(record.documents[i])]
       if len(set(subjects)) < len(subjects) or taken & set(subjects):
         continue
       taken.update(subjects)
