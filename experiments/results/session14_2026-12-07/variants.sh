@@ -4,7 +4,7 @@
 #   bash experiments/results/session14_2026-12-07/variants.sh start NAME...   # background runs
 #   bash experiments/results/session14_2026-12-07/variants.sh watch SECONDS NAME...
 #   bash experiments/results/session14_2026-12-07/variants.sh stop NAME...
-#   bash experiments/results/session14_2026-12-07/variants.sh pack NAME...    # snapshots to $OUT
+#   bash experiments/results/session14_2026-12-07/variants.sh pack NAME...    # final (else snapshot) to $OUT
 # A run started with EXTRA=--pause_after_seconds=S ends itself with WORKDIR/snapshot (params only).
 set -uo pipefail
 RUNS=${RUNS:-/root/runs}
@@ -37,7 +37,9 @@ case "$what" in
     done ;;
   pack)
     for name in "$@"; do
-      tar -C "$RUNS/$name" -cf - snapshot | split -b 15M - "$OUT/${name}_snapshot.tar.part"
+      what=snapshot; [ -d "$RUNS/$name/final" ] && what=final
+      cp "$RUNS/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
+      tar -C "$RUNS/$name" -cf - $what | split -b 15M - "$OUT/${name}_$what.tar.part"
     done ;;
   stop)
     for name in "$@"; do pkill -f "workdir=$RUNS/$name " ; done ;;
