@@ -38,6 +38,18 @@ def _moved(index: int, after: int, count: int) -> int:
   return index if index <= after else index + count
 
 
+def _fresh_params(params, grown_model: cfglib.ModelConfig, grown_msa: cfglib.MSAConfig, seed: int,
+                  caller: str):
+  """Random per-layer params of the grown model: what the new weights are drawn from. Refuses the
+  stacked params of a scanned model, whose layers `params` must name one by one."""
+  if any(k.startswith("block_") for k in params):
+    raise ValueError(f"{caller} takes per-layer params (layers_i); unstack scanned ones first")
+  model = MSAForCausalLM(grown_model.replace(scan_layers=False), grown_msa)
+  memory, prompt = dummy_batch(grown_model, grown_msa)
+  return jax.jit(lambda key: nn.unbox(model.init(key, prompt, memory))["params"])(
+      jax.random.key(seed))
+
+
 def grown_configs(model_cfg: cfglib.ModelConfig, msa_cfg: cfglib.MSAConfig, *, after: int,
                   count: int):
   """The configs of a model with `count` layers inserted after layer `after` (-1: before the
@@ -61,12 +73,7 @@ def grow_depth(params, model_cfg: cfglib.ModelConfig, msa_cfg: cfglib.MSAConfig,
   """Per-layer `params` of (model_cfg, msa_cfg) -> (params, model_cfg, msa_cfg) of the model with
   `count` identity layers inserted after layer `after` (see the module docstring). Host arrays out."""
   grown_model, grown_msa = grown_configs(model_cfg, msa_cfg, after=after, count=count)
-  if any(k.startswith("block_") for k in params):
-    raise ValueError("grow_depth takes per-layer params (layers_i); unstack scanned ones first")
-  model = MSAForCausalLM(grown_model.replace(scan_layers=False), grown_msa)
-  memory, prompt = dummy_batch(grown_model, grown_msa)
-  fresh = jax.jit(lambda key: nn.unbox(model.init(key, prompt, memory))["params"])(
-      jax.random.key(seed))
+  fresh = _fresh_params(params, grown_model, grown_msa, seed, "grow_depth")
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   for i in range(model_cfg.num_layers):
     out[f"layers_{_moved(i, after, count)}"] = params[f"layers_{i}"]
@@ -104,12 +111,7 @@ def grow_width(params, model_cfg: cfglib.ModelConfig, msa_cfg: cfglib.MSAConfig,
   module docstring). Host arrays out; msa_cfg is unchanged."""
   wide = widened_config(model_cfg, hidden_size=hidden_size, intermediate_size=intermediate_size,
                         num_heads=num_heads)
-  if any(k.startswith("block_") for k in params):
-    raise ValueError("grow_width takes per-layer params (layers_i); unstack scanned ones first")
-  model = MSAForCausalLM(wide.replace(scan_layers=False), msa_cfg)
-  memory, prompt = dummy_batch(wide, msa_cfg)
-  fresh = jax.jit(lambda key: nn.unbox(model.init(key, prompt, memory))["params"])(
-      jax.random.key(seed))
+  fresh = _fresh_params(params, wide, msa_cfg, seed, "grow_width")
   e = model_cfg.hidden_size
   h, kv = model_cfg.num_heads, model_cfg.num_kv_heads
   norm_factor = np.sqrt(e / hidden_size)
