@@ -6,6 +6,10 @@
 # model's needle shortcut, BENCHMARKS §14), 16 name negatives and miss rounds, 2K memories,
 # 2,500 steps at lr 5e-4 -> 5e-5. Rerunning continues a paused run (--pause_after_seconds=S).
 #   bash experiments/train_wide_msa.sh WORKDIR [train.py flags]
+# On a device lent in calls of at most 10 minutes: give each call --pause_after_seconds=480 and copy
+# WORKDIR/wide/snapshot (WORKDIR/wide/final once done) out at its end; the same command in the next
+# call continues the run exactly while the machine stays warm, and a lost machine leaves the last
+# snapshot to continue from with --set=model.init_from=SNAPSHOT (without the optimiser state).
 set -euo pipefail
 WORKDIR=${1:?usage: train_wide_msa.sh WORKDIR [train.py flags]}
 FROM=${FROM:-models/tiny_msa}
