@@ -138,8 +138,9 @@ def test_gradients_reach_every_new_weight():
   """Nothing new is dead. From the first step every zero-started write-back and the new embedding
   columns get gradients (the random readers of the new dimensions carry them back); what reads the
   still-zero new dimensions, or feeds a zero-started write-back, gets them from the second step."""
+  model_cfg, msa_cfg = _small()
   model_cfg, msa_cfg, params, memory, prompt, _ = _random_model(
-      _small()[0].replace(embedding_init_std=1.0), _small()[1])
+      model_cfg.replace(embedding_init_std=1.0), msa_cfg)
   e, inter = model_cfg.hidden_size, model_cfg.intermediate_size
   h, kv = model_cfg.num_heads, model_cfg.num_kv_heads
   grown, wide = grow_width(params, model_cfg, msa_cfg, hidden_size=2 * e,

@@ -87,9 +87,9 @@ def grow_depth(params, model_cfg: cfglib.ModelConfig, msa_cfg: cfglib.MSAConfig,
 
 def widened_config(model_cfg: cfglib.ModelConfig, *, hidden_size: int, intermediate_size: int,
                    num_heads: int) -> cfglib.ModelConfig:
-  """The config of the wider model; refuses what `grow_width` cannot grow exactly: shrinking, a
-  changed head_dim, or heads that are not a multiple of today's (router heads are duplicated) with
-  the same GQA group size (the old query heads must keep reading the old KV heads)."""
+  """The config of the wider model (head_dim and the GQA group size kept, so the old query heads
+  keep reading the old KV heads); refuses what `grow_width` cannot grow exactly: shrinking, heads
+  that are not a multiple of today's (router heads are duplicated), tied embeddings."""
   old_h, group = model_cfg.num_heads, model_cfg.num_heads // model_cfg.num_kv_heads
   if hidden_size < model_cfg.hidden_size or intermediate_size < model_cfg.intermediate_size:
     raise cfglib.ConfigError(
