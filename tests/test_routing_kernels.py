@@ -1,12 +1,15 @@
 """The fused routing kernels (msa_jax/kernels/routing/) equal the reference in interpret mode on CPU:
 every head, query and chunk reduction and score mode, float32/bf16/int8 keys, ragged documents
 that run over several key tiles and partitions, exact ties, a request with no route token, empty
-slots, and fewer documents than k; the api picks and falls back; and both kernels lower for their
-hardware (Mosaic TPU, Triton for CUDA) at msa-4b shapes."""
+slots, fewer documents than k, and long prompts over several token tiles; the api picks and falls
+back; every matmul stays inside the kernel's bound at the long-prompt shape that overran an H100's
+shared memory; and both kernels lower for their hardware (Mosaic TPU, Triton for CUDA) at msa-4b
+shapes."""
 
 import warnings
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,6 +94,98 @@ def test_fewer_documents_than_k(kernel):
   got = KERNELS[kernel](*args)
   _check(got, reference.top_k_documents(*args))
   assert np.asarray(got[2]).sum(1).tolist() == [3, 3] and got[0].shape == (2, 3)
+
+
+# (prompt length T, batch, config overrides, key dtype). At head_dim 16 the GPU's token tiles are
+# 256 rows, the TPU's 512: T 300 and 1024 pad to 512 and 1024 tokens, two and four GPU tiles a
+# request (TPU: one and two); T 100 with the chunk mean (GPU blocks of 16 requests), or a batch of 8
+# (TPU blocks of 8), puts several whole requests in each of several tiles.
+LONG_CASES = [
+    (1024, 4, dict(), "float32"),
+    (300, 4, dict(head_reduce="max", query_reduce="last"), "bfloat16"),
+    (1024, 4, dict(head_reduce="max", query_reduce="mean", score_mode="scaled_dot"), "int8"),
+    (300, 4, dict(query_reduce="mean", chunk_reduce="mean"), "bfloat16"),
+    (100, 8, dict(head_reduce="max", query_reduce="last", chunk_reduce="mean"), "float32"),
+    (100, 8, dict(), "bfloat16"),
+]
+LONG_KERNELS = {  # the kernels' own request blocks and token tiles
+    "pallas_gpu": lambda *a: pallas_gpu.top_k_documents(*a, interpret=True, block_chunks=8,
+                                                        partitions=3),
+    "pallas_tpu": lambda *a: pallas_tpu.top_k_documents(*a, interpret=True, block_chunks=8),
+}
+
+
+@pytest.mark.parametrize("kernel", LONG_KERNELS)
+@pytest.mark.parametrize("t,b,overrides,key_dtype", LONG_CASES)
+def test_long_prompts_equal_the_reference(kernel, t, b, overrides, key_dtype):
+  """Token tiles combine exactly: route tokens only in a request's first or only in its last
+  token tile, the last route token far from the end, no route token at all."""
+  rng = np.random.default_rng(t + b + len(str(overrides)))
+  cfg = cfglib.MSAConfig(top_k_docs=4, **overrides)
+  keys, offsets, values, scale, chunk_doc = _shard(rng, COUNTS, SLOTS, key_dtype, cfg, TIES)
+  q, mask = _queries(rng, keys, offsets, cfg, False, b=b, t=t)
+  mask[1, :-20] = False  # request 1 routes from its last tokens only, request 2 from its first
+  mask[2, 20:] = False
+  args = (q, mask, values, scale, chunk_doc, len(COUNTS), cfg, cfg.top_k_docs)
+  got = jax.jit(LONG_KERNELS[kernel], static_argnums=(5, 6, 7))(*args)
+  _check(got, reference.top_k_documents(*args))
+  assert {4, 7, 10} <= set(np.asarray(got[1][0]).tolist())
+  assert np.asarray(got[1][-1]).tolist() == [0, 1, 2, 3]
+
+
+def _dots(jaxpr):
+  """The (lhs, rhs, result) avals of each matmul in `jaxpr` and the jaxprs inside it (kernels,
+  loops)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield tuple(v.aval for v in (*eqn.invars, *eqn.outvars))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          sub = sub.jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _dots(sub)
+
+
+@pytest.mark.parametrize("kernel,rows,tile_bytes", [(pallas_gpu, 256, 64 * 1024),
+                                                    (pallas_tpu, 512, 128 * 1024)])
+@pytest.mark.parametrize("t", [300, 2048])
+@pytest.mark.parametrize("overrides", [dict(), dict(head_reduce="max", chunk_reduce="mean")])
+def test_matmuls_stay_bounded_for_long_prompts(kernel, rows, tile_bytes, t, overrides):
+  """The demo's tiny model at batch 8 (head_dim 32, 8 query / 4 KV heads, float32 keys): a whole
+  [block_rows·T, D] query operand, [2048, 32] f32 for 4 requests of 512 tokens, with its key tile
+  overran the 232448 bytes of shared memory an H100 block has. Now each score matmul takes a token
+  tile of at most `rows` queries and `tile_bytes` whatever T; on GPU its operands leave room for
+  Triton's second pipeline stage, and its [64, 256] f32 score tile is 128 registers a thread."""
+  cfg = cfglib.MSAConfig(top_k_docs=16, **overrides)
+  b, h, hkv, d, c = 8, 8, 4, 32, 1024
+  shapes = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, t), jnp.bool_),
+            jax.ShapeDtypeStruct((c, hkv, d), jnp.float32), None,
+            jax.ShapeDtypeStruct((c,), jnp.int32))
+  fn = lambda q, m, k, s, cd: kernel.top_k_documents(q, m, k, s, cd, 100, cfg, 16)
+  dots = list(_dots(jax.make_jaxpr(fn)(*shapes).jaxpr))
+  scores = [(lhs, rhs, out) for lhs, rhs, out in dots if rhs.shape[1] == d]
+  assert scores and {rhs.shape for _, rhs, _ in scores} == {(rows, d)}  # full tiles, no larger
+  nbytes = lambda a: a.size * a.dtype.itemsize
+  assert all(nbytes(rhs) <= tile_bytes for _, rhs, _ in dots)
+  if kernel is pallas_gpu:
+    assert all(2 * (nbytes(lhs) + nbytes(rhs)) <= 232448 and nbytes(out) <= 64 * 1024
+               for lhs, rhs, out in dots)
+
+
+def test_unsupported_names_a_head_dim_too_wide_for_the_query_tile(monkeypatch):
+  """16 query rows (Triton's smallest dot; a bf16 sublane tile) must fit the query tile; the
+  demo's shape does."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert pallas_gpu.unsupported((1024, 4, 32), jnp.float32, interpret=False) is None
+  assert pallas_gpu.unsupported((1024, 4, 2048), jnp.bfloat16, interpret=False) is None
+  assert "head_dim 2048 leaves fewer than 16 query rows" in pallas_gpu.unsupported(
+      (1024, 4, 2048), jnp.float32, interpret=False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert pallas_tpu.unsupported((1024, 4, 4096), jnp.int8, interpret=False) is None
+  assert "head_dim 4096 leaves fewer than 16 query rows" in pallas_tpu.unsupported(
+      (1024, 4, 4096), jnp.float32, interpret=False)
 
 
 def test_api_picks_by_backend_and_falls_back_once(monkeypatch):

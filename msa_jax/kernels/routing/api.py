@@ -9,7 +9,8 @@ A Pallas kernel forced on CPU runs in interpret mode (that is how the tests run 
 covers every head, query and chunk reduction, score mode and key dtype; it falls back to the
 reference, warning once per reason, on another backend than its own, or for shapes its compiler
 cannot take: GPU head_dim not a power of two >= 16, or chunk slots per shard not a multiple of 16;
-TPU head_dim not a multiple of 128, or chunk slots per shard not a multiple of 128.
+TPU head_dim not a multiple of 128, or chunk slots per shard not a multiple of 128; on either, a
+head_dim so wide that fewer than 16 query rows fit the kernel's query tile (QUERY_BYTES).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cf
   if name != "reference":
     kernel = _KERNELS[name]
     interpret = jax.default_backend() == "cpu"
-    why = kernel.unsupported(keys.shape, interpret=interpret)
+    why = kernel.unsupported(keys.shape, keys.dtype, interpret=interpret)
     if why is None:
       return kernel.top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs, cfg, k,
                                     interpret=interpret)

@@ -3,14 +3,19 @@ layout they read, the math of one key tile, and the merge of their per-block res
 
 A kernel walks a shard's chunks in tiles of Ct (a grid axis on TPU, a loop on GPU) for a block of
 Bb requests, and keeps per request the best K documents so far and the partial value of the one
-document that runs on into the next tile. Chunks run down the rows, requests across the columns:
+document that runs on into the next tile. Within a key tile it walks the block's Bb·T query rows in
+token tiles of Tt (`token_tile`: at most a kernel's bound, so no operand grows with T or Bb; a grid
+axis on TPU, a loop on GPU). Chunks run down the rows, requests across the columns:
 
-  scores  per KV head j (and, for the head max, query head g of its group): key tile [Ct, D] x
-          queries [Bb·T, D] -> [Ct, Bb·T] in float32 (int8 keys enter as bf16 values, exact, and
-          their scale multiplies the head's scores); the head mean sums over j (queries pre-summed
-          over the group, `router_keys.query_dtype`) and divides by H, the head max takes the max
-  tokens  each request's T columns reduce to one: the max with a -inf bias off its route tokens
-          ("last": only its last route token), or the mean as a weighted sum -> [Ct, Bb]
+  scores  per token tile and KV head j (and, for the head max, query head g of its group): key tile
+          [Ct, D] x queries [Tt, D] -> [Ct, Tt] in float32 (int8 keys enter as bf16 values, exact,
+          and their scale multiplies the head's scores); the head mean sums over j (queries
+          pre-summed over the group, `router_keys.query_dtype`) and divides by H, the head max
+          takes the max
+  tokens  each request's columns of the tile reduce to one: the max with a -inf bias off its route
+          tokens ("last": only its last route token), or the mean as a weighted sum; a reduction
+          over T is one over the tiles of the reductions over each, so the tiles combine exactly
+          (max, or sum) into [Ct, Bb]
   chunks  a document's value is its chunks' max, or their mean (sums and counts through a [Ct, Ct]
           same-document matrix). The document carried in from the previous tile adds its partial
           value; the one that continues into the next tile is held back and carried (documents are
@@ -25,6 +30,7 @@ size [B, T, C] or [B, C] is ever written.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -41,13 +47,15 @@ NO_COLUMN = np.int32(2**30)  # a kept slot that holds no document yet
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """Static shape of a kernel call. `groups`: query heads per KV head in the score matmuls (1 for
-  the head mean: pre-summed); `tokens`: T padded; `keep`: K, the kept documents (pow2 >= k)."""
+  the head mean: pre-summed); `tokens`: T padded; `token_tile`: Tt, the query rows per score
+  matmul (see `token_tile`); `keep`: K, the kept documents (pow2 >= k)."""
 
   heads: int
   kv_heads: int
   groups: int
   head_dim: int
   tokens: int
+  token_tile: int
   block_rows: int
   block_chunks: int
   keep: int
@@ -57,12 +65,17 @@ class Spec:
   scaled: bool
   exact: bool  # float32 keys: full-precision matmuls
 
+  @property
+  def token_tiles(self) -> int:
+    """Token tiles per request block."""
+    return self.block_rows * self.tokens // self.token_tile
+
 
 class Operands(NamedTuple):
   """The kernel-side layout. queries [Hkv·groups, B_pad·T, D] in the operand dtype; route
-  [nb, 1, Bb·T] f32 (bias or weight per token column); keys [C, Hkv·D]; scale [C, Hkv] or None;
-  chunk_doc [C, 1] int32 (and chunk_doc_row [1, C] for the chunk mean); continues [C / Ct] int32:
-  the document running from tile t into t+1 (0: none)."""
+  [B_pad·T / Tt, 1, Tt] f32 (bias or weight per token column, a row per token tile); keys
+  [C, Hkv·D]; scale [C, Hkv] or None; chunk_doc [C, 1] int32 (and chunk_doc_row [1, C] for the
+  chunk mean); continues [C / Ct] int32: the document running from tile t into t+1 (0: none)."""
 
   queries: jax.Array
   route: jax.Array
@@ -99,19 +112,39 @@ def tile_size(num_chunks: int, preferred: int) -> int:
   return size
 
 
+def max_query_rows(head_dim: int, key_dtype, rows: int, nbytes: int) -> int:
+  """The most query rows a score matmul may take under a kernel's bound: the largest power of two
+  <= `rows` (a power of two) whose rows, in the query operand dtype, fill <= `nbytes` (at least 1;
+  a kernel's `unsupported` refuses fewer than its compiler takes)."""
+  fit = nbytes // (head_dim * jnp.dtype(router_keys.query_dtype(key_dtype)).itemsize)
+  return min(rows, 1 << (max(fit, 1).bit_length() - 1))
+
+
+def token_tile(tokens: int, block_rows: int, max_rows: int) -> int:
+  """Query rows per score matmul (`tokens` and `max_rows` are powers of two): `max_rows` of one
+  request's tokens when they fill it, so a tile lies within one request; else the most whole
+  requests that fit and divide the block (all of it when it fits)."""
+  if tokens >= max_rows:
+    return max_rows
+  return tokens * math.gcd(block_rows, max_rows // tokens)
+
+
 def layout(q, route_mask, keys, key_scale, chunk_doc, cfg: MSAConfig, k: int, *, block_rows: int,
-           block_chunks: int) -> tuple[Spec, Operands]:
+           block_chunks: int, query_rows: int, query_bytes: int) -> tuple[Spec, Operands]:
   """Prepared queries q [B,T,H,D], route_mask [B,T], keys [C,Hkv,D] (+ scale), chunk_doc [C] ->
-  the kernel's operands for blocks of `block_rows` requests and tiles of `block_chunks` chunks
-  (which must divide C)."""
+  the kernel's operands for blocks of `block_rows` requests, tiles of `block_chunks` chunks
+  (which must divide C), and token tiles bounded by `query_rows` rows and `query_bytes` bytes of
+  one head's queries (`max_query_rows`)."""
   b, t, h, d = q.shape
   c, hkv = keys.shape[:2]
   tokens = pow2(max(t, 16))
   rows = -(-b // block_rows) * block_rows
+  tile = token_tile(tokens, block_rows, max_query_rows(d, keys.dtype, query_rows, query_bytes))
   spec = Spec(heads=h, kv_heads=hkv, groups=1 if cfg.head_reduce == "mean" else h // hkv,
-              head_dim=d, tokens=tokens, block_rows=block_rows, block_chunks=block_chunks,
-              keep=pow2(k), head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce,
-              chunk_reduce=cfg.chunk_reduce, scaled=key_scale is not None,
+              head_dim=d, tokens=tokens, token_tile=tile, block_rows=block_rows,
+              block_chunks=block_chunks, keep=pow2(k), head_reduce=cfg.head_reduce,
+              query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,
+              scaled=key_scale is not None,
               exact=jnp.dtype(keys.dtype) == jnp.float32)
   qg = q.reshape(b, t, hkv, h // hkv, d)
   if cfg.head_reduce == "mean":
@@ -127,7 +160,7 @@ def layout(q, route_mask, keys, key_scale, chunk_doc, cfg: MSAConfig, k: int, *,
       last = jnp.max(jnp.where(mask, jnp.arange(tokens), -1), axis=1, keepdims=True)
       mask = jnp.arange(tokens) == last
     route = jnp.where(mask, 0.0, -jnp.inf)
-  route = route.astype(jnp.float32).reshape(rows // block_rows, 1, block_rows * tokens)
+  route = route.astype(jnp.float32).reshape(rows * tokens // tile, 1, tile)
   chunk_doc = chunk_doc.astype(jnp.int32)
   ends = chunk_doc[block_chunks - 1::block_chunks]
   after = jnp.concatenate([chunk_doc[block_chunks::block_chunks], jnp.zeros(1, jnp.int32)])
@@ -144,9 +177,17 @@ def init_state(spec: Spec) -> State:
                jnp.zeros((1, 1), jnp.float32), jnp.zeros((1, spec.block_rows), jnp.float32))
 
 
-def _chunk_scores(spec: Spec, load_keys: Callable, load_scale: Callable, load_queries: Callable,
-                  route):
-  """Chunk scores [Ct, Bb] of one tile, reduced over heads and route tokens."""
+def no_scores(spec: Spec):
+  """Chunk scores [Ct, Bb] before any token tile: the token reduction's identity."""
+  empty = 0.0 if spec.query_reduce == "mean" else -jnp.inf
+  return jnp.full((spec.block_chunks, spec.block_rows), empty, jnp.float32)
+
+
+def add_token_tile(scores, spec: Spec, index, *, load_keys: Callable, load_scale: Callable,
+                   load_queries: Callable, route):
+  """Chunk scores [Ct, Bb] with token tile `index` of the request block added: its [Ct, Tt]
+  scores reduced over heads, then over each of its requests' route tokens (route [1, Tt]), and
+  combined into those requests' columns (max, or sum for the query mean)."""
   acc = None
   for j in range(spec.kv_heads):
     k = load_keys(j)
@@ -166,25 +207,26 @@ def _chunk_scores(spec: Spec, load_keys: Callable, load_scale: Callable, load_qu
       acc = acc + head if spec.head_reduce == "mean" else jnp.maximum(acc, head)
   if spec.head_reduce == "mean":
     acc = acc / spec.heads
-  request = lax.div(lax.broadcasted_iota(jnp.int32, (1, spec.block_rows * spec.tokens), 1),
-                    jnp.int32(spec.tokens))
+  width = min(spec.tokens, spec.token_tile)  # a request's columns in the tile
+  first = lax.div(index * jnp.int32(spec.token_tile), jnp.int32(spec.tokens))  # its first request
+  token = lax.div(lax.broadcasted_iota(jnp.int32, (1, spec.token_tile), 1), jnp.int32(width))
   column = lax.broadcasted_iota(jnp.int32, (1, spec.block_rows), 1)
-  scores = jnp.zeros((spec.block_chunks, spec.block_rows), jnp.float32)
-  for b in range(spec.block_rows):
-    mine = request == b
+  for m in range(spec.token_tile // width):
+    mine = token == m
     if spec.query_reduce == "mean":
       one = jnp.sum(jnp.where(mine, acc * route, 0.0), axis=1, keepdims=True)
+      scores = jnp.where(column == first + m, scores + one, scores)
     else:
       one = jnp.max(jnp.where(mine, acc + route, -jnp.inf), axis=1, keepdims=True)
-    scores = jnp.where(column == b, one, scores)
+      scores = jnp.where(column == first + m, jnp.maximum(scores, one), scores)
   return scores
 
 
-def tile_step(state: State, spec: Spec, *, load_keys: Callable, load_scale: Callable,
-              load_queries: Callable, route, chunk_doc, chunk_doc_row, live, continues) -> State:
-  """`state` after one tile: route [1, Bb·T]; chunk_doc [Ct, 1] (and chunk_doc_row [1, Ct] for the
-  chunk mean); live [Ct, 1]: the chunks this kernel counts; continues: the tile's `continues`."""
-  scores = _chunk_scores(spec, load_keys, load_scale, load_queries, route)
+def tile_step(state: State, spec: Spec, scores, *, chunk_doc, chunk_doc_row, live,
+              continues) -> State:
+  """`state` after one tile of chunk scores [Ct, Bb] (`add_token_tile` over the token tiles);
+  chunk_doc [Ct, 1] (and chunk_doc_row [1, Ct] for the chunk mean); live [Ct, 1]: the chunks this
+  kernel counts; continues: the tile's `continues`."""
   carried = live & (chunk_doc == state.carry_doc)
   inf = jnp.zeros_like(state.carry_inf)
   count = state.carry_count

@@ -10,7 +10,10 @@ port (wgmma over key tiles from `emit_pipeline`) is work for a session with a GP
 Grid (request blocks, partitions): a partition is a run of whole documents of about C/P chunks, so
 the P programs of a request block stream disjoint key ranges in parallel, one SM each, and each
 keeps its own K best; `fused.merge` takes the best k of the P·K. A program loops over its key tiles
-(Triton pipelines the loads); `fused` has the math.
+(Triton pipelines the loads) and, within each, over the request block's token tiles of at most
+QUERY_ROWS query rows and QUERY_BYTES per head: every matmul operand and the [Ct, Tt] score tile
+are bounded whatever T and the block (a whole [Bb·T, D] query operand overran the shared memory
+on an H100 at Bb·T = 2048, D = 32); `fused` has the math.
 """
 
 from __future__ import annotations
@@ -27,11 +30,18 @@ from msa_jax.config import MSAConfig
 from msa_jax.kernels.routing import fused
 
 BLOCK_CHUNKS = 64
+# One matmul's queries: the msa-4b shape the kernel was benchmarked at (4 requests x T 64 of D 128
+# in bf16) is 256 rows, 64 KiB: its [64, 256] f32 score tile is 128 registers a thread over 4 warps,
+# and the query tile, a key tile and Triton's second pipeline stage of each stay well inside the
+# 227 KiB of shared memory an H100 block may take.
+QUERY_ROWS = 256
+QUERY_BYTES = 64 * 1024
 PARTITIONS = 132  # one program per SM of an H100/H200 for a batch-1 request block
 
 
-def unsupported(keys_shape, *, interpret: bool, block_chunks: int = BLOCK_CHUNKS) -> str | None:
-  """Why this kernel cannot take keys of this shape on a GPU (None: it can)."""
+def unsupported(keys_shape, keys_dtype, *, interpret: bool,
+                block_chunks: int = BLOCK_CHUNKS) -> str | None:
+  """Why this kernel cannot take keys of this shape and dtype on a GPU (None: it can)."""
   if interpret:
     return None
   if jax.default_backend() != "gpu":
@@ -39,6 +49,9 @@ def unsupported(keys_shape, *, interpret: bool, block_chunks: int = BLOCK_CHUNKS
   d = keys_shape[-1]
   if d < 16 or d & (d - 1):
     return f"head_dim {d} is not a power of two >= 16 (Triton's dot)"
+  if fused.max_query_rows(d, keys_dtype, QUERY_ROWS, QUERY_BYTES) < 16:
+    return (f"head_dim {d} leaves fewer than 16 query rows (Triton's dot) in a "
+            f"{QUERY_BYTES // 1024} KiB query tile")
   if fused.tile_size(keys_shape[0], block_chunks) < 16:
     return (f"{keys_shape[0]} chunk slots per shard are not a multiple of 16 (open the view with "
             f"the default slot_multiple)")
@@ -65,14 +78,13 @@ def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cf
   if cfg.chunk_reduce == "mean":
     rows = 16  # the same-document sums are a dot with the request block as N: Triton's minimum
   spec, ops = fused.layout(q, route_mask, keys, key_scale, chunk_doc, cfg, k, block_rows=rows,
-                           block_chunks=ct)
+                           block_chunks=ct, query_rows=QUERY_ROWS, query_bytes=QUERY_BYTES)
   parts = max(1, min(partitions, c // ct))
-  nb = ops.route.shape[0]
+  nb = ops.route.shape[0] // spec.token_tiles
   inputs = [partition_bounds(chunk_doc, parts), ops.continues, ops.queries, ops.route, ops.keys,
             ops.chunk_doc] + [x for x in (ops.scale, ops.chunk_doc_row) if x is not None]
   whole = pl.BlockSpec()  # the whole array: the kernel indexes it itself
-  in_specs = [whole] * 3 + [pl.BlockSpec((None, 1, spec.block_rows * spec.tokens),
-                                         lambda b, p: (b, 0, 0))] + [whole] * (len(inputs) - 4)
+  in_specs = [whole] * len(inputs)
   kept = (spec.keep, spec.block_rows)
   out_spec = pl.BlockSpec((None, None) + kept, lambda b, p: (p, b, 0, 0))
   values, columns = pl.pallas_call(
@@ -94,20 +106,24 @@ def _kernel(spec: fused.Spec, bounds_ref, continues_ref, queries_ref, route_ref,
   values_ref, columns_ref = refs
   b, p = pl.program_id(0), pl.program_id(1)
   lo, hi = bounds_ref[p], bounds_ref[p + 1]
-  ct, d, bt = spec.block_chunks, spec.head_dim, spec.block_rows * spec.tokens
-  route = route_ref[...]
-  requests = pl.ds(pl.multiple_of(b * bt, bt), bt)
+  ct, d, tt, nt = spec.block_chunks, spec.head_dim, spec.token_tile, spec.token_tiles
 
   def step(t, state):
     rows = pl.ds(pl.multiple_of(t * ct, ct), ct)
+
+    def token_tile(u, scores):
+      tokens = pl.ds(pl.multiple_of((b * nt + u) * tt, tt), tt)
+      return fused.add_token_tile(
+          scores, spec, u,
+          load_keys=lambda j: keys_ref[rows, pl.ds(j * d, d)],
+          load_scale=lambda j: scale_ref[rows, pl.ds(j, 1)],
+          load_queries=lambda i: queries_ref[i, tokens, :], route=route_ref[b * nt + u])
+
+    scores = lax.fori_loop(0, nt, token_tile, fused.no_scores(spec))
     chunk_doc = chunk_doc_ref[rows, :]
     index = t * ct + lax.broadcasted_iota(jnp.int32, (ct, 1), 0)
     return fused.tile_step(
-        state, spec,
-        load_keys=lambda j: keys_ref[rows, pl.ds(j * d, d)],
-        load_scale=lambda j: scale_ref[rows, pl.ds(j, 1)],
-        load_queries=lambda i: queries_ref[i, requests, :],
-        route=route, chunk_doc=chunk_doc,
+        state, spec, scores, chunk_doc=chunk_doc,
         chunk_doc_row=None if row_ref is None else row_ref[:, rows],
         live=(chunk_doc > 0) & (index >= lo) & (index < hi), continues=continues_ref[t])
 
