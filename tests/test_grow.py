@@ -205,16 +205,16 @@ def test_grow_model_tool_widens_and_deepens_the_shipped_model(tmp_path):
   shipped = os.path.join(ROOT, "models", "tiny_msa")
   out = tmp_path / "grown"
   result = run_python([os.path.join(ROOT, "tools", "grow_model.py"), f"--model={shipped}",
-                       "--hidden_size=256", "--intermediate_size=512", "--num_heads=8",
+                       "--hidden_size=384", "--intermediate_size=1024", "--num_heads=16",
                        "--after=2", "--new_layers=1", f"--output={out}"], cwd=ROOT)
   assert result.returncode == 0, result.stderr
-  assert "7 layers of 256 (8/4 heads, MLP 512), router layers [4, 5, 6]" in result.stdout
+  assert "7 layers of 384 (16/8 heads, MLP 1024), router layers [4, 5, 6]" in result.stdout
   small, grown = msa_jax.load(shipped, scan_layers=False), msa_jax.load(str(out), scan_layers=False)
   memory, prompt = make_batch(random_samples(np.random.default_rng(5), DOCS), small.msa_config)
   outputs = [_forward(m.model_config, m.msa_config, unstack_layers(m.params), memory, prompt)
              for m in (small, grown)]
   # The trained model's logits reach ~50 and its states ~5, where float32 sums in another order
-  # (over 256 hidden units instead of 128) differ by ~1e-6 of the scale (4e-5 on the logits with
+  # (over 384 hidden units instead of 256) differ by ~1e-6 of the scale (4e-5 on the logits with
   # the norms' epsilon at 0): the bound is relative to each array's scale.
   _assert_same_outputs(outputs[1], outputs[0], prompt, relative=True)
   refused = run_python([os.path.join(ROOT, "tools", "grow_model.py"), f"--model={shipped}",

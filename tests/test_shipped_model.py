@@ -1,24 +1,24 @@
 """The shipped tiny model (models/tiny_msa): it is the recorded run, and it has not regressed.
 
 The regression test asks fixed held-out questions over 1K-token memories (seed 4242; the training
-seeds are 200-400), teacher-forced (msa_jax.training.probe) and decoded (answer EM given the
-retrieved text, msa_jax.evaluation), each model in its own document layout. Its floors lie between
-the shipped model's figures and those of the model it replaced (git a51fec6, the extend stage),
-measured on the same questions (2026-12-02, CPU); where the shipped model did not gain, the floor
-stays where the stage before set it:
+seeds are 200-1500), teacher-forced (msa_jax.training.probe) and decoded (answer EM given the
+retrieved text, msa_jax.evaluation). Its floors lie between the shipped model's figures and those
+of the model it replaced (git b2973e9, the mixed stage, 1.5M params; the shipped model is that
+model widened to 256 and trained 2,500 steps more), measured on the same questions (2026-12-07,
+CPU); where the shipped model did not gain, the floor stays where the stage before set it:
 
                                                   replaced  shipped  floor
-  fact lookup answer-token acc                      0.91     0.87    0.85
-  fact lookup answer logprob                       -0.34    -0.35   -0.45
-  fact lookup id-digit acc                          0.69     0.84    0.76
-  fact lookup id-digit logprob                     -0.83    -0.38   -0.60
-  multi-hop answer logprob                         -0.11    -0.09   -0.40
+  fact lookup answer-token acc                      0.87     1.00    0.93
+  fact lookup answer logprob                       -0.35    -0.03   -0.20
+  fact lookup id-digit acc                          0.84     0.84    0.76
+  fact lookup id-digit logprob                     -0.38    -0.46   -0.60
+  multi-hop answer logprob                         -0.09    -0.01   -0.05
   multi-hop router recall@1                         1.00     1.00    0.90
-  fact lookup answer EM (24 questions)              0.875    0.875   0.80
-  documents of 16-224 tokens: answer-token acc      0.61     0.91    0.80
-  documents of 16-224 tokens: answer logprob       -2.30    -0.22   -1.00
+  fact lookup answer EM (24 questions)              0.875    1.00    0.93
+  documents of 16-224 tokens: answer-token acc      0.91     1.00    0.95
+  documents of 16-224 tokens: answer logprob       -0.22    -0.04   -0.13
 
-The issue's goal (EM >= 0.9 end to end) is not reached yet: BENCHMARKS.md says why.
+Where the model stands against the issue's goals end to end is in BENCHMARKS.md.
 """
 
 import json
@@ -42,8 +42,8 @@ MODEL = os.path.join(ROOT, "models", "tiny_msa")
 
 def test_shipped_model_is_the_recorded_run():
   loaded = msa_jax.load(MODEL)
-  recorded_cfg = load_train_config(  # it restates the base stage's shapes
-      os.path.join(ROOT, "experiments", "configs", "tiny_msa_mixed.json"))
+  recorded_cfg = load_train_config(  # it states the widened shapes; init_from is the run's own
+      os.path.join(ROOT, "experiments", "configs", "tiny_msa_wide.json"), ["model.init_from=null"])
   model_cfg, msa_cfg = model_configs(recorded_cfg.model, loaded.tokenizer.vocab_size)
   assert loaded.model_config == model_cfg
   assert loaded.msa_config.replace(rec_loss_weight=0.0) == msa_cfg
@@ -51,12 +51,12 @@ def test_shipped_model_is_the_recorded_run():
   recorded = config_to_dict(recorded_cfg)
   with open(os.path.join(MODEL, "train_config.json")) as f:
     shipped = config_to_dict(config_from_dict(json.load(f)))
-  assert "tiny_msa" in shipped["model"].pop("init_from")  # continued from the extend stage
+  assert "grown" in shipped["model"].pop("init_from")  # continued from the widened mixed stage
   recorded["model"].pop("init_from")
   assert shipped == recorded  # the shipped model is this run
   with open(os.path.join(MODEL, "training_metrics.jsonl")) as f:
     last = json.loads(f.readlines()[-1])
-  assert last["step"] == 1745  # where the recorded command pauses (train_tiny_msa.sh)
+  assert last["step"] == 2500  # the wide stage's whole schedule (train_tiny_msa.sh)
 
 
 def _held_out(tokenizer, task, n, align_to, max_doc_tokens=64):
@@ -71,19 +71,19 @@ def test_shipped_model_has_not_regressed():
   facts = probe(loaded.model, loaded.params, tok, _held_out(tok, "fact_lookup", 16, align_to),
                 batch_size=16)["metrics"]["normal"]
   assert facts["answer"]["format"]["accuracy"] == 1.0
-  assert facts["answer"]["answer"]["accuracy"] >= 0.85
-  assert facts["answer"]["answer"]["mean_logprob"] >= -0.45
+  assert facts["answer"]["answer"]["accuracy"] >= 0.93
+  assert facts["answer"]["answer"]["mean_logprob"] >= -0.20
   assert facts["retrieval"]["id_digits"]["accuracy"] >= 0.76
   assert facts["retrieval"]["id_digits"]["mean_logprob"] >= -0.60
   chains = probe(loaded.model, loaded.params, tok, _held_out(tok, "multi_hop", 8, align_to),
                  batch_size=16)
-  assert chains["metrics"]["normal"]["answer"]["answer"]["mean_logprob"] >= -0.40
+  assert chains["metrics"]["normal"]["answer"]["answer"]["mean_logprob"] >= -0.05
   assert min(chains["router_recall@1"]["retrieval"].values()) >= 0.90
   longer = probe(loaded.model, loaded.params, tok,
                  _held_out(tok, "fact_lookup", 16, align_to, max_doc_tokens=224),
                  batch_size=16)["metrics"]["normal"]["answer"]["answer"]
-  assert longer["accuracy"] >= 0.80  # copying from documents longer than 64 tokens
-  assert longer["mean_logprob"] >= -1.00
+  assert longer["accuracy"] >= 0.95  # copying from documents longer than 64 tokens
+  assert longer["mean_logprob"] >= -0.13
 
 
 def test_shipped_model_answers_held_out_questions():
@@ -93,7 +93,7 @@ def test_shipped_model_answers_held_out_questions():
   shapes = EvalShapes(seq_len_mem=1024, max_docs=64, seq_len_prompt=256)
   result = evaluate_records(loaded.model, loaded.params, tok,
                             _held_out(tok, "fact_lookup", 24, align_to), shapes, batch_size=8)
-  assert result["summary"]["all"]["exact_match"] >= 0.80
+  assert result["summary"]["all"]["exact_match"] >= 0.93
 
 
 def test_evaluation_killed_midway_resumes_from_its_log(tmp_path):
