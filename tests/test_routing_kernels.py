@@ -147,21 +147,25 @@ def _dots(jaxpr):
           yield from _dots(sub)
 
 
-@pytest.mark.parametrize("kernel,rows,tile_bytes", [(pallas_gpu, 256, 64 * 1024),
-                                                    (pallas_tpu, 512, 128 * 1024)])
+@pytest.mark.parametrize("kernel,key_dtype,rows,tile_bytes", [
+    (pallas_gpu, jnp.bfloat16, 256, 64 * 1024),
+    # float32 keys on an H200 (2026-12-07, this shape at T 2048): 128 rows ran, 256 asked 295,936
+    # bytes of shared memory
+    (pallas_gpu, jnp.float32, 128, 64 * 1024),
+    (pallas_tpu, jnp.float32, 512, 128 * 1024)])
 @pytest.mark.parametrize("t", [300, 2048])
 @pytest.mark.parametrize("overrides", [dict(), dict(head_reduce="max", chunk_reduce="mean")])
-def test_matmuls_stay_bounded_for_long_prompts(kernel, rows, tile_bytes, t, overrides):
-  """The demo's tiny model at batch 8 (head_dim 32, 8 query / 4 KV heads, float32 keys): a whole
-  [block_rows·T, D] query operand, [2048, 32] f32 for 4 requests of 512 tokens, with its key tile
-  overran the 232448 bytes of shared memory an H100 block has. Now each score matmul takes a token
-  tile of at most `rows` queries and `tile_bytes` whatever T; on GPU its operands leave room for
-  Triton's second pipeline stage, and its [64, 256] f32 score tile is 128 registers a thread."""
+def test_matmuls_stay_bounded_for_long_prompts(kernel, key_dtype, rows, tile_bytes, t, overrides):
+  """The demo's tiny model at batch 8 (head_dim 32, 8 query / 4 KV heads): a whole
+  [block_rows·T, D] query operand, [2048, 32] f32 for 4 requests of 512 tokens, with its bf16 key
+  tile overran the 232448 bytes of shared memory an H100 block has. Now each score matmul takes a
+  token tile of at most `rows` queries and `tile_bytes` whatever T; on GPU its operands leave room
+  for Triton's second pipeline stage, and its [64, 256] f32 score tile is 128 registers a thread."""
   cfg = cfglib.MSAConfig(top_k_docs=16, **overrides)
   b, h, hkv, d, c = 8, 8, 4, 32, 1024
   shapes = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
             jax.ShapeDtypeStruct((b, t), jnp.bool_),
-            jax.ShapeDtypeStruct((c, hkv, d), jnp.float32), None,
+            jax.ShapeDtypeStruct((c, hkv, d), key_dtype), None,
             jax.ShapeDtypeStruct((c,), jnp.int32))
   fn = lambda q, m, k, s, cd: kernel.top_k_documents(q, m, k, s, cd, 100, cfg, 16)
   dots = list(_dots(jax.make_jaxpr(fn)(*shapes).jaxpr))
@@ -175,13 +179,17 @@ def test_matmuls_stay_bounded_for_long_prompts(kernel, rows, tile_bytes, t, over
 
 
 def test_unsupported_names_a_head_dim_too_wide_for_the_query_tile(monkeypatch):
-  """16 query rows (Triton's smallest dot; a bf16 sublane tile) must fit the query tile; the
-  demo's shape does."""
+  """16 query rows (Triton's smallest dot; a bf16 sublane tile) must fit the query tile, and on
+  GPU float32 keys must fit the shared memory; the demo's shape does."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert pallas_gpu.unsupported((1024, 4, 32), jnp.float32, interpret=False) is None
   assert pallas_gpu.unsupported((1024, 4, 2048), jnp.bfloat16, interpret=False) is None
   assert "head_dim 2048 leaves fewer than 16 query rows" in pallas_gpu.unsupported(
       (1024, 4, 2048), jnp.float32, interpret=False)
+  # float32 keys at msa-4b's 8 KV heads of 128 asked 524,288 bytes at 64 query rows (H200)
+  assert "need more than 232448 bytes of shared memory" in pallas_gpu.unsupported(
+      (1024, 8, 128), jnp.float32, interpret=False)
+  assert pallas_gpu.unsupported((1024, 8, 128), jnp.bfloat16, interpret=False) is None
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert pallas_tpu.unsupported((1024, 4, 4096), jnp.int8, interpret=False) is None
   assert "head_dim 4096 leaves fewer than 16 query rows" in pallas_tpu.unsupported(

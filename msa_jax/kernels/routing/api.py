@@ -10,7 +10,8 @@ covers every head, query and chunk reduction, score mode and key dtype; it falls
 reference, warning once per reason, on another backend than its own, or for shapes its compiler
 cannot take: GPU head_dim not a power of two >= 16, or chunk slots per shard not a multiple of 16;
 TPU head_dim not a multiple of 128, or chunk slots per shard not a multiple of 128; on either, a
-head_dim so wide that fewer than 16 query rows fit the kernel's query tile (QUERY_BYTES).
+head_dim so wide that fewer than 16 query rows fit the kernel's query tile (QUERY_BYTES); on GPU,
+float32 keys whose heads need more shared memory than a block has (msa-4b's: bf16 keys run).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ keeps its own K best; `fused.merge` takes the best k of the P·K. A program loop
 (Triton pipelines the loads) and, within each, over the request block's token tiles of at most
 QUERY_ROWS query rows and QUERY_BYTES per head: every matmul operand and the [Ct, Tt] score tile
 are bounded whatever T and the block (a whole [Bb·T, D] query operand overran the shared memory
-on an H100 at Bb·T = 2048, D = 32); `fused` has the math.
+on an H100 at Bb·T = 2048, D = 32; float32 keys take fewer rows, `query_rows`); `fused` has the
+math.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ BLOCK_CHUNKS = 64
 # 227 KiB of shared memory an H100 block may take.
 QUERY_ROWS = 256
 QUERY_BYTES = 64 * 1024
+# Float32 keys take full-precision dots, which Triton stages through shared memory for every KV
+# head of a key tile at once. Measured on an H200 (2026-12-07; 8 requests x 2048 tokens): D 32 x 4
+# KV heads ran at 128 query rows and asked 295,936 bytes at 256; D 128 x 8 KV heads asked 524,288
+# at 64 rows and 786,944 at 128. `exact_shared_bytes` bounds all three from above.
+SHARED_MEMORY = 232448  # bytes a block may take on an H100/H200
 PARTITIONS = 132  # one program per SM of an H100/H200 for a batch-1 request block
 
 
@@ -52,10 +58,31 @@ def unsupported(keys_shape, keys_dtype, *, interpret: bool,
   if fused.max_query_rows(d, keys_dtype, QUERY_ROWS, QUERY_BYTES) < 16:
     return (f"head_dim {d} leaves fewer than 16 query rows (Triton's dot) in a "
             f"{QUERY_BYTES // 1024} KiB query tile")
-  if fused.tile_size(keys_shape[0], block_chunks) < 16:
+  ct = fused.tile_size(keys_shape[0], block_chunks)
+  if ct < 16:
     return (f"{keys_shape[0]} chunk slots per shard are not a multiple of 16 (open the view with "
             f"the default slot_multiple)")
+  if query_rows(keys_shape, keys_dtype, ct) < 16:
+    return (f"float32 keys of {keys_shape[1]} KV heads x {d} need more than {SHARED_MEMORY} bytes "
+            f"of shared memory for 16 query rows (store the bank's router keys in bf16)")
   return None
+
+
+def exact_shared_bytes(kv_heads: int, head_dim: int, block_chunks: int, rows: int) -> int:
+  """Shared memory a key tile takes with float32 keys and `rows` query rows: every KV head's key
+  and query operands at once, and two [Ct, rows] float32 score buffers (see SHARED_MEMORY)."""
+  return 4 * ((block_chunks + rows) * kv_heads * head_dim + 2 * block_chunks * rows)
+
+
+def query_rows(keys_shape, keys_dtype, block_chunks: int) -> int:
+  """Query rows per score matmul: QUERY_ROWS, fewer for float32 keys until they fit SHARED_MEMORY
+  (0 when not even 16 do)."""
+  rows = QUERY_ROWS
+  if jnp.dtype(keys_dtype) == jnp.float32:
+    _, kv_heads, head_dim = keys_shape
+    while rows >= 16 and exact_shared_bytes(kv_heads, head_dim, block_chunks, rows) > SHARED_MEMORY:
+      rows //= 2
+  return rows if rows >= 16 else 0
 
 
 def partition_bounds(chunk_doc, parts: int):
@@ -78,7 +105,9 @@ def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cf
   if cfg.chunk_reduce == "mean":
     rows = 16  # the same-document sums are a dot with the request block as N: Triton's minimum
   spec, ops = fused.layout(q, route_mask, keys, key_scale, chunk_doc, cfg, k, block_rows=rows,
-                           block_chunks=ct, query_rows=QUERY_ROWS, query_bytes=QUERY_BYTES)
+                           block_chunks=ct,
+                           query_rows=max(16, query_rows(keys.shape, keys.dtype, ct)),
+                           query_bytes=QUERY_BYTES)
   parts = max(1, min(partitions, c // ct))
   nb = ops.route.shape[0] // spec.token_tiles
   inputs = [partition_bounds(chunk_doc, parts), ops.continues, ops.queries, ops.route, ops.keys,
