@@ -67,7 +67,8 @@ class SyntheticRecords:
   With `long_doc_fraction` > 0 that share of records (drawn from (seed, i)) has documents of
   up to `long_max_doc_tokens` instead of `max_doc_tokens`: a whole record is short or long, so
   short records keep their many distractors. `name_negatives`, `context_distractors` and
-  `miss_rate` go to the tasks that take them (fact lookup, multi-hop)."""
+  `miss_rate` go to the tasks that take them (fact lookup, multi-hop); `niah_keys` is
+  niah_multi_key's needle count."""
 
   tasks: tuple[tuple[str, float], ...]
   seed: int
@@ -84,6 +85,7 @@ class SyntheticRecords:
   name_negatives: int = 0
   context_distractors: int = 0
   miss_rate: float = 0.0
+  niah_keys: int = 0
 
   def __len__(self) -> int:
     return self.num_records
@@ -103,7 +105,8 @@ class SyntheticRecords:
       length_fn = _widest_id_length(self.length_fn, len(str(self.doc_id_max - 1)))
     extra = {k: v for k, v in (("name_negatives", self.name_negatives),
                                ("context_distractors", self.context_distractors),
-                               ("miss_rate", self.miss_rate)) if v}
+                               ("miss_rate", self.miss_rate),
+                               ("num_keys", self.niah_keys)) if v}
     record = generate_mix(dict(self.tasks), self.seed, index,
                           memory_tokens=self.memory_tokens, length_fn=length_fn,
                           min_doc_tokens=self.min_doc_tokens,
@@ -127,7 +130,8 @@ def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *,
                             memory_tokens, data.min_doc_tokens, data.max_doc_tokens,
                             data.max_docs, length_fn, data.doc_id_max, align_to,
                             data.long_doc_fraction, data.long_max_doc_tokens,
-                            data.name_negatives, data.context_distractors, data.miss_rate)
+                            data.name_negatives, data.context_distractors, data.miss_rate,
+                            data.niah_keys)
   if data.source == "jsonl":
     return JsonlRecords(data.path)
   bench = read_official(data.memory_path, data.queries_path, allow_pickle=data.allow_pickle)

@@ -60,6 +60,9 @@ class DataConfig:
   context_distractors: int = 0
   # ... and before each hop's round, wrong-card rounds with this probability (geometric, tasks.py)
   miss_rate: float = 0.0
+  # synthetic niah_multi_key memories hold this many needles of different keys (0: the task's 4);
+  # many needles in one memory make the router tell them apart by the key alone
+  niah_keys: int = 0
   num_records: int = 1_000_000
   doc_id_max: int = 0  # > 0: synthetic memories are random subsets of a bank of up to this size
   answer_fraction: float | None = None  # share of answer steps (None: uniform over steps)
@@ -200,6 +203,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if value and not {"fact_lookup", "multi_hop"} & set(d.tasks):
       raise TrainConfigError(f"data.{name} needs a fact_lookup or multi_hop task in data.tasks, "
                              f"got {sorted(d.tasks)}")
+  if d.niah_keys < 0:
+    raise TrainConfigError(f"data.niah_keys must be >= 0, got {d.niah_keys}")
+  if d.niah_keys and "niah_multi_key" not in d.tasks:
+    raise TrainConfigError(f"data.niah_keys needs the niah_multi_key task in data.tasks, got "
+                           f"{sorted(d.tasks)}")
   if cfg.data.batch_size <= 0:
     raise TrainConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
   if len(cfg.mesh) != 3:
