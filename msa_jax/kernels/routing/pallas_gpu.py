@@ -106,6 +106,7 @@ def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cf
     rows = 16  # the same-document sums are a dot with the request block as N: Triton's minimum
   spec, ops = fused.layout(q, route_mask, keys, key_scale, chunk_doc, cfg, k, block_rows=rows,
                            block_chunks=ct,
+                           # interpret mode skips `unsupported`: 16 rows at least there
                            query_rows=max(16, query_rows(keys.shape, keys.dtype, ct)),
                            query_bytes=QUERY_BYTES)
   parts = max(1, min(partitions, c // ct))
