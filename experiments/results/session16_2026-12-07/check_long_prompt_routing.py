@@ -5,25 +5,16 @@ against the reference, same documents selected, and both timed.
   python experiments/results/session16_2026-12-07/check_long_prompt_routing.py
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.memory import time_call
 from msa_jax import config as cfglib
 from msa_jax.kernels.routing import pallas_gpu, reference
 from msa_jax.model import router, router_keys
 
 B, T, H, HKV, D, C, DOCS = 8, 2048, 8, 4, 32, 32768, 4096  # C chunks = 256K memory tokens
-
-
-def timed(fn, *args):
-  out = jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(5):
-    out = jax.block_until_ready(fn(*args))
-  return out, (time.perf_counter() - start) / 5
 
 
 def main():
@@ -42,8 +33,9 @@ def main():
               None if scale is None else jnp.asarray(scale), jnp.asarray(chunk_doc), DOCS, cfg, 4)
       ref_fn = jax.jit(lambda *a: reference.top_k_documents(*a[:5], DOCS, cfg, 4))
       ker_fn = jax.jit(lambda *a: pallas_gpu.top_k_documents(*a[:5], DOCS, cfg, 4))
-      want, t_ref = timed(ref_fn, *args[:5])
-      got, t_ker = timed(ker_fn, *args[:5])
+      want, got = ref_fn(*args[:5]), ker_fn(*args[:5])
+      t_ref, t_ker = (time_call(fn, args[:5], steps=5, warmup=1)["median_s"]
+                      for fn in (ref_fn, ker_fn))
       same = np.array_equal(np.asarray(got[1]), np.asarray(want[1]))
       err = float(np.max(np.abs(np.asarray(got[0]) - np.asarray(want[0]))))
       print(f"{key_dtype:8s} {overrides}: same documents {same}, max score diff {err:.2e}, "
