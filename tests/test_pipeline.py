@@ -15,6 +15,7 @@ from msa_jax.data.records import make_record
 from msa_jax.data.tokenizer import Tokenizer, build_byte_tokenizer
 from msa_jax.config import MSAConfig
 from msa_jax.data.synthetic import world_tokenizer
+from msa_jax.data.synthetic.world import ATTRIBUTE_NAMES
 from msa_jax.data.transcript import document_ids, num_steps, record_step_sample, record_step_samples
 from msa_jax.training import data_setup
 from msa_jax.training.train_config import DataConfig, PhaseConfig
@@ -367,6 +368,29 @@ def test_synthetic_records_put_niah_keys_needles_in_multi_key_memories():
     assert len(needles(a)) == 4 and len(needles(b)) == 12
     keys = {d.split("special magic number for ")[1].split(" is")[0] for d in needles(b)}
     assert len(keys) == 12 and b.question.split(" for ")[1].split(" mentioned")[0] in keys
+  assert seen == {"fact_lookup", "niah_multi_key"}
+
+
+def test_synthetic_records_pass_card_distractors_to_needle_tasks():
+  """data.card_distractors reaches the needle tasks (fact cards among a needle memory's
+  distractors, the same record the generator gives), and a fact lookup of the mix is unchanged."""
+  world = world_tokenizer()
+  data = DataConfig(tasks={"fact_lookup": 1.0, "niah_multi_key": 1.0}, min_doc_tokens=16,
+                    max_doc_tokens=48, num_records=16, max_docs=128)
+  phase = PhaseConfig(name="p", steps=1, peak_lr=1e-3, end_lr=1e-4, memory_tokens=2048)
+  plain = data_setup.record_source(data, phase, world, seed=4)
+  carded = data_setup.record_source(dataclasses.replace(data, card_distractors=0.5), phase, world,
+                                    seed=4)
+  is_card = lambda d: bool((m := re.match(r"\w+ \w+\. ([\w ]+): ", d)) and m[1] in ATTRIBUTE_NAMES)
+  seen = set()
+  for i in range(16):
+    a, b = plain[i], carded[i]
+    seen.add(a.task)
+    if a.task == "fact_lookup":
+      assert a == b
+      continue
+    assert not any(map(is_card, a.documents)) and sum(map(is_card, b.documents)) >= 5
+    assert b.question == a.question and b.answer == a.answer
   assert seen == {"fact_lookup", "niah_multi_key"}
 
 

@@ -156,6 +156,43 @@ def test_niah_records(task):
   assert len({generate(task, 0, i, **SMALL).hops for i in range(6)}) > 1
 
 
+def _is_fact_card(doc):
+  m = re.match(r"\w+ \w+\. ([\w ]+): ", doc)  # `First Last. attribute: value. ...`
+  return m is not None and m[1] in world.ATTRIBUTE_NAMES
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multi_key", "niah_multi_value",
+                                  "niah_multi_query"])
+def test_niah_card_distractors(task):
+  """card_distractors = p makes about a share p of a needle memory's distractors fact cards of
+  people other than the keys (`Name. attr: value. ...`), the rest haystack prose; the needles,
+  question and answer values stay those of the task; p = 0 draws nothing more (the record is unchanged
+  by the option's existence: a plain call gives the same record)."""
+  small = dict(SMALL, memory_tokens=8192, max_doc_tokens=64)
+  assert generate(task, 3, 0, card_distractors=0.0, **small) == generate(task, 3, 0, **small)
+  cards, distractors = 0, 0
+  for index in range(4):
+    r = generate(task, 3, index, card_distractors=0.5, **small)
+    check_memory(r, 8192, 64)
+    listed = r.question[r.question.index(" for ") + 5:r.question.index(" mentioned")]
+    keys = set(re.split(r", | and ", listed))
+    needles = [n for d in r.documents for n in _needles(d)]
+    assert {k for k, _ in needles} >= keys
+    plain = generate(task, 3, index, **small)
+    assert r.question == plain.question  # multi-value answers follow the document order
+    assert sorted(r.answer.split(", ")) == sorted(plain.answer.split(", "))
+    for i, d in enumerate(r.documents):
+      if i in r.hops[0]:
+        continue
+      distractors += 1
+      if _is_fact_card(d):
+        cards += 1
+        assert tasks.card_subject(d) not in keys and not _needles(d)
+  assert distractors > 200 and 0.4 < cards / distractors < 0.6
+  with pytest.raises(ValueError, match=r"card_distractors must be a number in \[0, 1\), got 1.0"):
+    generate(task, 3, 0, card_distractors=1.0, **small)
+
+
 def test_memory_budget_errors_and_caps():
   with pytest.raises(ValueError, match="gold/required documents take .* memory_tokens=40"):
     generate("niah_multi_value", 0, 0, memory_tokens=40)

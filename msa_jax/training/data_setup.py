@@ -68,7 +68,7 @@ class SyntheticRecords:
   up to `long_max_doc_tokens` instead of `max_doc_tokens`: a whole record is short or long, so
   short records keep their many distractors. `name_negatives`, `context_distractors` and
   `miss_rate` go to the tasks that take them (fact lookup, multi-hop); `niah_keys` is
-  niah_multi_key's needle count."""
+  niah_multi_key's needle count; `card_distractors` goes to the needle tasks."""
 
   tasks: tuple[tuple[str, float], ...]
   seed: int
@@ -86,6 +86,7 @@ class SyntheticRecords:
   context_distractors: int = 0
   miss_rate: float = 0.0
   niah_keys: int = 0
+  card_distractors: float = 0.0
 
   def __len__(self) -> int:
     return self.num_records
@@ -106,7 +107,8 @@ class SyntheticRecords:
     extra = {k: v for k, v in (("name_negatives", self.name_negatives),
                                ("context_distractors", self.context_distractors),
                                ("miss_rate", self.miss_rate),
-                               ("num_keys", self.niah_keys)) if v}
+                               ("num_keys", self.niah_keys),
+                               ("card_distractors", self.card_distractors)) if v}
     record = generate_mix(dict(self.tasks), self.seed, index,
                           memory_tokens=self.memory_tokens, length_fn=length_fn,
                           min_doc_tokens=self.min_doc_tokens,
@@ -131,7 +133,7 @@ def record_source(data: DataConfig, phase: PhaseConfig, tokenizer: Tokenizer, *,
                             data.max_docs, length_fn, data.doc_id_max, align_to,
                             data.long_doc_fraction, data.long_max_doc_tokens,
                             data.name_negatives, data.context_distractors, data.miss_rate,
-                            data.niah_keys)
+                            data.niah_keys, data.card_distractors)
   if data.source == "jsonl":
     return JsonlRecords(data.path)
   bench = read_official(data.memory_path, data.queries_path, allow_pickle=data.allow_pickle)

@@ -63,6 +63,9 @@ class DataConfig:
   # synthetic niah_multi_key memories hold this many needles of different keys (0: the task's 4);
   # many needles in one memory make the router tell them apart by the key alone
   niah_keys: int = 0
+  # synthetic needle memories: this share of the distractors are fact cards, not haystack prose
+  # (a needle question then routes past people's cards, as in the demo's shared memory)
+  card_distractors: float = 0.0
   num_records: int = 1_000_000
   doc_id_max: int = 0  # > 0: synthetic memories are random subsets of a bank of up to this size
   answer_fraction: float | None = None  # share of answer steps (None: uniform over steps)
@@ -208,6 +211,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
   if d.niah_keys and "niah_multi_key" not in d.tasks:
     raise TrainConfigError(f"data.niah_keys needs the niah_multi_key task in data.tasks, got "
                            f"{sorted(d.tasks)}")
+  if not 0.0 <= d.card_distractors < 1.0:
+    raise TrainConfigError(f"data.card_distractors must be in [0, 1), got {d.card_distractors}")
+  if d.card_distractors and not any(t.startswith("niah_") for t in d.tasks):
+    raise TrainConfigError(f"data.card_distractors needs a needle (niah_*) task in data.tasks, "
+                           f"got {sorted(d.tasks)}")
   if cfg.data.batch_size <= 0:
     raise TrainConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
   if len(cfg.mesh) != 3:

@@ -198,6 +198,19 @@ def _card(rng, subject: str, required: Sequence[str], optional: Sequence[str], n
   return " ".join([head] + clauses + _fill_to(rng, used, target, min_tokens, max_tokens))
 
 
+def _fact_card(rng, entity: int, asked: tuple[str, str] | None, min_attributes: int,
+               max_attributes: int, min_tokens: int, max_tokens: int, cap: int | None = None
+               ) -> str:
+  """A fact card of `entity` with min..max_attributes random attributes; `asked` (attribute,
+  value), if given, is one of them for sure."""
+  attrs = _random_attributes(rng, exclude=(asked[0],) if asked else ())
+  required = [_attribute_clause(*asked)] if asked else []
+  n_opt = max(0, _n_attributes(rng, min_attributes, max_attributes) - len(required))
+  return _card(rng, world.entity_name(entity), required,
+               [_attribute_clause(a, v) for a, v in attrs], n_opt, min_tokens, max_tokens,
+               "a fact card's name and asked attribute", cap)
+
+
 def _attribute_clause(attr: str, value: str) -> str:
   return f"{attr}: {value}."
 
@@ -430,13 +443,8 @@ def fact_lookup(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TO
   ents = _entities(rng)
 
   def card(entity, asked=None):
-    attrs = _random_attributes(rng, exclude=(asked[0],) if asked else ())
-    required = [_attribute_clause(*asked)] if asked else []
-    n_opt = max(0, _n_attributes(rng, min_attributes, max_attributes) - len(required))
-    return _card(rng, world.entity_name(entity), required,
-                 [_attribute_clause(a, v) for a, v in attrs], n_opt, min_doc_tokens,
-                 max_doc_tokens, "a fact card's name and asked attribute",
-                 _gold_cap(memory_tokens, 1, align_to) if asked else None)
+    return _fact_card(rng, entity, asked, min_attributes, max_attributes, min_doc_tokens,
+                      max_doc_tokens, _gold_cap(memory_tokens, 1, align_to) if asked else None)
 
   attr = _question_attr(rng)
   values = world.ATTRIBUTES[attr]
@@ -539,15 +547,20 @@ def _magic_values(rng, n: int) -> list[str]:
 
 
 def _niah(task: str, seed: int, index: int, n_needles: int, n_gold_keys: int, same_key: bool,
-          memory_tokens, length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to) -> Record:
+          memory_tokens, length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to,
+          card_distractors: float = 0.0) -> Record:
   """Shared NIAH builder: `n_needles` needle documents; the first `n_gold_keys` keys are asked
-  (all needles share one key when `same_key`); the rest are distractor needles."""
+  (all needles share one key when `same_key`); the rest are distractor needles. Each distractor
+  is a fact card with probability `card_distractors` (of people other than the keys), else a
+  haystack passage."""
   _check_params(task, memory_tokens, min_doc_tokens, max_doc_tokens, max_docs, "needle", align_to)
+  _check_rate(task, "card_distractors", card_distractors)
   if n_needles < 1:
     raise ValueError(f"{task}: needs at least one needle, got {n_needles}")
   rng = _rng(task, seed, index)
   ents = _entities(rng)
-  keys = [world.entity_name(int(e)) for e in ents[:(1 if same_key else n_needles)]]
+  n_keys = 1 if same_key else n_needles
+  keys = [world.entity_name(int(e)) for e in ents[:n_keys]]
   if same_key:
     keys = keys * n_needles
   values = _magic_values(rng, n_needles)
@@ -555,9 +568,17 @@ def _niah(task: str, seed: int, index: int, n_needles: int, n_gold_keys: int, sa
   needles = [_haystack(rng, min_doc_tokens, max_doc_tokens, _needle(k, v), cap)
              for k, v in zip(keys, values)]
   n_gold = n_needles if same_key else n_gold_keys
-  docs, gids = _assemble(rng, task, needles, n_gold,
-                         lambda: _haystack(rng, min_doc_tokens, max_doc_tokens),
-                         memory_tokens, length_fn, max_docs)
+  card_people = iter(ents[n_keys:])
+
+  def distractor():  # draws nothing more from the rng when card_distractors is 0
+    if card_distractors and rng.random() < card_distractors:
+      person = next(card_people, None)
+      if person is not None:
+        return _fact_card(rng, int(person), None, 3, 5, min_doc_tokens, max_doc_tokens)
+    return _haystack(rng, min_doc_tokens, max_doc_tokens)
+
+  docs, gids = _assemble(rng, task, needles, n_gold, distractor, memory_tokens, length_fn,
+                         max_docs)
   if same_key:
     question = f"What are all the special magic numbers for {keys[0]} mentioned in the provided text?"
     answer = ", ".join(values[g] for g in np.argsort(gids, kind="stable"))
@@ -576,43 +597,50 @@ def _niah(task: str, seed: int, index: int, n_needles: int, n_gold_keys: int, sa
 def niah_single(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                 length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                 max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS,
-                max_docs: int | None = None, align_to: int = 0) -> Record:
-  """One needle `The special magic number for {key} is: {value}.` in a haystack; asks its value."""
+                max_docs: int | None = None, align_to: int = 0,
+                card_distractors: float = 0.0) -> Record:
+  """One needle `The special magic number for {key} is: {value}.` in a haystack; asks its value.
+  `card_distractors` (every needle task takes it): the share of distractors that are fact cards
+  instead of haystack passages, so a needle question learns to route past people's cards (the
+  demo's shared memory holds both)."""
   return _niah("niah_single", seed, index, 1, 1, False, memory_tokens, length_fn, min_doc_tokens,
-               max_doc_tokens, max_docs, align_to)
+               max_doc_tokens, max_docs, align_to, card_distractors)
 
 
 def niah_multi_key(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                    length_fn: LengthFn | None = None, min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                    max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                   num_keys: int = 4, align_to: int = 0) -> Record:
+                   num_keys: int = 4, align_to: int = 0, card_distractors: float = 0.0
+                   ) -> Record:
   """`num_keys` needles with different keys in different documents; asks one key's value."""
   return _niah("niah_multi_key", seed, index, num_keys, 1, False, memory_tokens, length_fn,
-               min_doc_tokens, max_doc_tokens, max_docs, align_to)
+               min_doc_tokens, max_doc_tokens, max_docs, align_to, card_distractors)
 
 
 def niah_multi_value(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                      length_fn: LengthFn | None = None,
                      min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                      max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                     num_values: int = 4, align_to: int = 0) -> Record:
+                     num_values: int = 4, align_to: int = 0, card_distractors: float = 0.0
+                     ) -> Record:
   """One key with `num_values` values in different documents; the answer is every value, in
   document order, joined by ", "; one retrieval step with every needle document."""
   return _niah("niah_multi_value", seed, index, num_values, num_values, True, memory_tokens,
-               length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to)
+               length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to, card_distractors)
 
 
 def niah_multi_query(seed: int, index: int, *, memory_tokens: int = DEFAULT_MEMORY_TOKENS,
                      length_fn: LengthFn | None = None,
                      min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
                      max_doc_tokens: int = DEFAULT_MAX_DOC_TOKENS, max_docs: int | None = None,
-                     num_queries: int = 4, align_to: int = 0) -> Record:
+                     num_queries: int = 4, align_to: int = 0, card_distractors: float = 0.0
+                     ) -> Record:
   """`num_queries` keys (each in its own document) asked in one question; the answer lists their
   values in the question's order, joined by ", "; one retrieval step with every needle document."""
   if num_queries < 2:
     raise ValueError(f"niah_multi_query: num_queries must be at least 2, got {num_queries}")
   return _niah("niah_multi_query", seed, index, num_queries, num_queries, False, memory_tokens,
-               length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to)
+               length_fn, min_doc_tokens, max_doc_tokens, max_docs, align_to, card_distractors)
 
 
 TASKS: dict[str, Callable[..., Record]] = {
