@@ -148,11 +148,12 @@ def _dots(jaxpr):
 
 
 @pytest.mark.parametrize("kernel,key_dtype,rows,tile_bytes", [
-    (pallas_gpu, jnp.bfloat16, 256, 64 * 1024),
-    # float32 keys on an H200 (2026-12-07, this shape at T 2048): 128 rows ran, 256 asked 295,936
-    # bytes of shared memory
-    (pallas_gpu, jnp.float32, 128, 64 * 1024),
-    (pallas_tpu, jnp.float32, 512, 128 * 1024)])
+    # rows by head reduction. The shape at T 2048 on GPUs (2026-12-07): bf16 keys, head max,
+    # asked 279,552 bytes of shared memory at 256 rows (H100); float32 keys asked 295,936 at 256
+    # with the head mean (H200) and ran at 128 with the head max (H100)
+    (pallas_gpu, jnp.bfloat16, {"mean": 256, "max": 128}, 64 * 1024),
+    (pallas_gpu, jnp.float32, {"mean": 128, "max": 128}, 64 * 1024),
+    (pallas_tpu, jnp.float32, {"mean": 512, "max": 512}, 128 * 1024)])
 @pytest.mark.parametrize("t", [300, 2048])
 @pytest.mark.parametrize("overrides", [dict(), dict(head_reduce="max", chunk_reduce="mean")])
 def test_matmuls_stay_bounded_for_long_prompts(kernel, key_dtype, rows, tile_bytes, t, overrides):
@@ -162,6 +163,7 @@ def test_matmuls_stay_bounded_for_long_prompts(kernel, key_dtype, rows, tile_byt
   token tile of at most `rows` queries and `tile_bytes` whatever T; on GPU its operands leave room
   for Triton's second pipeline stage, and its [64, 256] f32 score tile is 128 registers a thread."""
   cfg = cfglib.MSAConfig(top_k_docs=16, **overrides)
+  rows = rows[cfg.head_reduce]
   b, h, hkv, d, c = 8, 8, 4, 32, 1024
   shapes = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
             jax.ShapeDtypeStruct((b, t), jnp.bool_),
@@ -180,20 +182,36 @@ def test_matmuls_stay_bounded_for_long_prompts(kernel, key_dtype, rows, tile_byt
 
 def test_unsupported_names_a_head_dim_too_wide_for_the_query_tile(monkeypatch):
   """16 query rows (Triton's smallest dot; a bf16 sublane tile) must fit the query tile, and on
-  GPU float32 keys must fit the shared memory; the demo's shape does."""
+  GPU a key tile's operands must fit the shared memory; the demo's shape does."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert pallas_gpu.unsupported((1024, 4, 32), jnp.float32, interpret=False) is None
-  assert pallas_gpu.unsupported((1024, 4, 2048), jnp.bfloat16, interpret=False) is None
-  assert "head_dim 2048 leaves fewer than 16 query rows" in pallas_gpu.unsupported(
-      (1024, 4, 2048), jnp.float32, interpret=False)
+  gpu = lambda shape, dtype, heads: pallas_gpu.unsupported(shape, dtype, interpret=False,
+                                                           query_heads=heads)
+  assert gpu((1024, 4, 32), jnp.float32, 8) is None
+  assert "head_dim 2048 leaves fewer than 16 query rows" in gpu((1024, 4, 2048), jnp.float32, 4)
   # float32 keys at msa-4b's 8 KV heads of 128 asked 524,288 bytes at 64 query rows (H200)
-  assert "need more than 232448 bytes of shared memory" in pallas_gpu.unsupported(
-      (1024, 8, 128), jnp.float32, interpret=False)
-  assert pallas_gpu.unsupported((1024, 8, 128), jnp.bfloat16, interpret=False) is None
+  assert ("float32 keys of 8 KV heads x 128 with 8 query operands need more than 232448 bytes"
+          in gpu((1024, 8, 128), jnp.float32, 8))
+  assert gpu((1024, 8, 128), jnp.bfloat16, 8) is None  # msa-4b, head mean
+  assert "bfloat16 keys of 8 KV heads x 128 with 32 query operands" in gpu(
+      (1024, 8, 128), jnp.bfloat16, 32)  # msa-4b, head max: the reference
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert pallas_tpu.unsupported((1024, 4, 4096), jnp.int8, interpret=False) is None
-  assert "head_dim 4096 leaves fewer than 16 query rows" in pallas_tpu.unsupported(
-      (1024, 4, 4096), jnp.float32, interpret=False)
+  tpu = lambda shape, dtype: pallas_tpu.unsupported(shape, dtype, interpret=False, query_heads=8)
+  assert tpu((1024, 4, 4096), jnp.int8) is None
+  assert "head_dim 4096 leaves fewer than 16 query rows" in tpu((1024, 4, 4096), jnp.float32)
+
+
+def test_shared_memory_bound_matches_the_measured_asks():
+  """`pallas_gpu.shared_bytes` against what Triton asked on H100/H200 (2026-12-07, Ct 64): exact
+  where the score buffers are staged (D 32), above the asks where they were not (D 128); and the
+  rows it picks ran there."""
+  assert pallas_gpu.shared_bytes(4, 4, 32, 4, 64, 256) == 295936  # float32, head mean
+  assert pallas_gpu.shared_bytes(4, 8, 32, 2, 64, 256) == 279552  # bf16, head max
+  assert pallas_gpu.shared_bytes(8, 8, 128, 4, 64, 64) >= 524288
+  assert pallas_gpu.shared_bytes(8, 8, 128, 4, 64, 128) >= 786944
+  assert pallas_gpu.query_rows((1024, 4, 32), jnp.bfloat16, 64, 4) == 256  # ran, 1.0 ms
+  assert pallas_gpu.query_rows((1024, 4, 32), jnp.bfloat16, 64, 8) == 128
+  assert pallas_gpu.query_rows((1024, 4, 32), jnp.float32, 64, 4) == 128  # ran, 22.8 ms
+  assert pallas_gpu.query_rows((1024, 4, 32), jnp.float32, 64, 8) == 128  # ran, 75 ms
 
 
 def test_api_picks_by_backend_and_falls_back_once(monkeypatch):

@@ -11,7 +11,8 @@ reference, warning once per reason, on another backend than its own, or for shap
 cannot take: GPU head_dim not a power of two >= 16, or chunk slots per shard not a multiple of 16;
 TPU head_dim not a multiple of 128, or chunk slots per shard not a multiple of 128; on either, a
 head_dim so wide that fewer than 16 query rows fit the kernel's query tile (QUERY_BYTES); on GPU,
-float32 keys whose heads need more shared memory than a block has (msa-4b's: bf16 keys run).
+key tiles whose operands need more shared memory than a block has for 16 query rows (msa-4b's
+float32 keys, or its head max: bf16 keys with the head mean run).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 
 from msa_jax.config import MSAConfig
 from msa_jax.kernels import registry
-from msa_jax.kernels.routing import pallas_gpu, pallas_tpu, reference
+from msa_jax.kernels.routing import fused, pallas_gpu, pallas_tpu, reference
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 _KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
@@ -41,7 +42,8 @@ def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cf
   if name != "reference":
     kernel = _KERNELS[name]
     interpret = jax.default_backend() == "cpu"
-    why = kernel.unsupported(keys.shape, keys.dtype, interpret=interpret)
+    why = kernel.unsupported(keys.shape, keys.dtype, interpret=interpret,
+                             query_heads=fused.query_operands(q.shape[2], keys.shape[1], cfg))
     if why is None:
       return kernel.top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs, cfg, k,
                                     interpret=interpret)

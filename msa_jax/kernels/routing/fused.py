@@ -120,6 +120,12 @@ def max_query_rows(head_dim: int, key_dtype, rows: int, nbytes: int) -> int:
   return min(rows, 1 << (max(fit, 1).bit_length() - 1))
 
 
+def query_operands(heads: int, kv_heads: int, cfg: MSAConfig) -> int:
+  """Query operands a key tile's scores take: one per KV head for the head mean (its queries are
+  pre-summed over the group), one per query head for the head max."""
+  return kv_heads if cfg.head_reduce == "mean" else heads
+
+
 def token_tile(tokens: int, block_rows: int, max_rows: int) -> int:
   """Query rows per score matmul (`tokens` and `max_rows` are powers of two): `max_rows` of one
   request's tokens when they fill it, so a tile lies within one request; else the most whole
@@ -140,7 +146,7 @@ def layout(q, route_mask, keys, key_scale, chunk_doc, cfg: MSAConfig, k: int, *,
   tokens = pow2(max(t, 16))
   rows = -(-b // block_rows) * block_rows
   tile = token_tile(tokens, block_rows, max_query_rows(d, keys.dtype, query_rows, query_bytes))
-  spec = Spec(heads=h, kv_heads=hkv, groups=1 if cfg.head_reduce == "mean" else h // hkv,
+  spec = Spec(heads=h, kv_heads=hkv, groups=query_operands(h, hkv, cfg) // hkv,
               head_dim=d, tokens=tokens, token_tile=tile, block_rows=block_rows,
               block_chunks=block_chunks, keep=pow2(k), head_reduce=cfg.head_reduce,
               query_reduce=cfg.query_reduce, chunk_reduce=cfg.chunk_reduce,

@@ -13,7 +13,7 @@ keeps its own K best; `fused.merge` takes the best k of the P·K. A program loop
 (Triton pipelines the loads) and, within each, over the request block's token tiles of at most
 QUERY_ROWS query rows and QUERY_BYTES per head: every matmul operand and the [Ct, Tt] score tile
 are bounded whatever T and the block (a whole [Bb·T, D] query operand overran the shared memory
-on an H100 at Bb·T = 2048, D = 32; float32 keys take fewer rows, `query_rows`); `fused` has the
+on an H100 at Bb·T = 2048, D = 32; wide operands take fewer rows, `query_rows`); `fused` has the
 math.
 """
 
@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from msa_jax.config import MSAConfig
 from msa_jax.kernels.routing import fused
+from msa_jax.model import router_keys
 
 BLOCK_CHUNKS = 64
 # One matmul's queries: the msa-4b shape the kernel was benchmarked at (4 requests x T 64 of D 128
@@ -37,17 +38,22 @@ BLOCK_CHUNKS = 64
 # 227 KiB of shared memory an H100 block may take.
 QUERY_ROWS = 256
 QUERY_BYTES = 64 * 1024
-# Float32 keys take full-precision dots, which Triton stages through shared memory for every KV
-# head of a key tile at once. Measured on an H200 (2026-12-07; 8 requests x 2048 tokens): D 32 x 4
-# KV heads ran at 128 query rows and asked 295,936 bytes at 256; D 128 x 8 KV heads asked 524,288
-# at 64 rows and 786,944 at 128. `exact_shared_bytes` bounds all three from above.
+# Triton stages a key tile's score matmuls through shared memory at once: every KV head's key tile,
+# every query operand (one per KV head for the head mean, whose queries are pre-summed over the
+# group; one per query head for the head max), and two [Ct, rows] float32 score buffers.
+# Measured (2026-12-07; 8 requests x 2048 tokens, 8/4 heads of 32, Ct 64): float32 keys, head mean,
+# asked 295,936 bytes at 256 query rows (H200) and ran at 128; bf16 keys, head max, asked 279,552
+# at 256 (H100) and float32 keys, head max, ran at 128; D 128 x 8 KV float32 keys asked 524,288 at
+# 64 rows and 786,944 at 128 (H200). `shared_bytes` gives the first two exactly and bounds the
+# others from above; token tiles shrink until it fits.
 SHARED_MEMORY = 232448  # bytes a block may take on an H100/H200
 PARTITIONS = 132  # one program per SM of an H100/H200 for a batch-1 request block
 
 
-def unsupported(keys_shape, keys_dtype, *, interpret: bool,
+def unsupported(keys_shape, keys_dtype, *, interpret: bool, query_heads: int,
                 block_chunks: int = BLOCK_CHUNKS) -> str | None:
-  """Why this kernel cannot take keys of this shape and dtype on a GPU (None: it can)."""
+  """Why this kernel cannot take keys of this shape and dtype on a GPU (None: it can);
+  `query_heads`: its query operands per key tile (`fused.query_operands`)."""
   if interpret:
     return None
   if jax.default_backend() != "gpu":
@@ -62,26 +68,30 @@ def unsupported(keys_shape, keys_dtype, *, interpret: bool,
   if ct < 16:
     return (f"{keys_shape[0]} chunk slots per shard are not a multiple of 16 (open the view with "
             f"the default slot_multiple)")
-  if query_rows(keys_shape, keys_dtype, ct) < 16:
-    return (f"float32 keys of {keys_shape[1]} KV heads x {d} need more than {SHARED_MEMORY} bytes "
-            f"of shared memory for 16 query rows (store the bank's router keys in bf16)")
+  if query_rows(keys_shape, keys_dtype, ct, query_heads) < 16:
+    return (f"{jnp.dtype(keys_dtype).name} keys of {keys_shape[1]} KV heads x {d} with "
+            f"{query_heads} query operands need more than {SHARED_MEMORY} bytes of shared "
+            f"memory for 16 query rows (use bf16 keys or the head mean)")
   return None
 
 
-def exact_shared_bytes(kv_heads: int, head_dim: int, block_chunks: int, rows: int) -> int:
-  """Shared memory a key tile takes with float32 keys and `rows` query rows: every KV head's key
-  and query operands at once, and two [Ct, rows] float32 score buffers (see SHARED_MEMORY)."""
-  return 4 * ((block_chunks + rows) * kv_heads * head_dim + 2 * block_chunks * rows)
+def shared_bytes(kv_heads: int, query_heads: int, head_dim: int, itemsize: int,
+                 block_chunks: int, rows: int) -> int:
+  """Shared memory a key tile's score matmuls take with `rows` query rows (see SHARED_MEMORY):
+  key and query operands of `itemsize` bytes, two float32 score buffers, and 1 KiB."""
+  operands = itemsize * (block_chunks * kv_heads + rows * query_heads) * head_dim
+  return operands + 2 * 4 * block_chunks * rows + 1024
 
 
-def query_rows(keys_shape, keys_dtype, block_chunks: int) -> int:
-  """Query rows per score matmul: QUERY_ROWS, fewer for float32 keys until they fit SHARED_MEMORY
-  (0 when not even 16 do)."""
+def query_rows(keys_shape, keys_dtype, block_chunks: int, query_heads: int) -> int:
+  """Query rows per score matmul: QUERY_ROWS, halved until the tile fits SHARED_MEMORY (0 when
+  not even 16 do)."""
+  _, kv_heads, head_dim = keys_shape
+  itemsize = jnp.dtype(router_keys.query_dtype(keys_dtype)).itemsize
   rows = QUERY_ROWS
-  if jnp.dtype(keys_dtype) == jnp.float32:
-    _, kv_heads, head_dim = keys_shape
-    while rows >= 16 and exact_shared_bytes(kv_heads, head_dim, block_chunks, rows) > SHARED_MEMORY:
-      rows //= 2
+  while rows >= 16 and shared_bytes(kv_heads, query_heads, head_dim, itemsize, block_chunks,
+                                    rows) > SHARED_MEMORY:
+    rows //= 2
   return rows if rows >= 16 else 0
 
 
@@ -107,7 +117,9 @@ def top_k_documents(q, route_mask, keys, key_scale, chunk_doc, num_docs: int, cf
   spec, ops = fused.layout(q, route_mask, keys, key_scale, chunk_doc, cfg, k, block_rows=rows,
                            block_chunks=ct,
                            # interpret mode skips `unsupported`: 16 rows at least there
-                           query_rows=max(16, query_rows(keys.shape, keys.dtype, ct)),
+                           query_rows=max(16, query_rows(keys.shape, keys.dtype, ct,
+                                                         fused.query_operands(q.shape[2],
+                                                                              keys.shape[1], cfg))),
                            query_bytes=QUERY_BYTES)
   parts = max(1, min(partitions, c // ct))
   nb = ops.route.shape[0] // spec.token_tiles
