@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The recorded commands that train the shipped tiny MSA model (models/tiny_msa), in eight stages on
-# one GPU (H200 times; the last on an H100):
+# The recorded commands that train the shipped tiny MSA model (models/tiny_msa), in nine stages on
+# one GPU (H200 times; the last two on an H100):
 #   base    experiments/configs/tiny_msa.json          6,000 steps from scratch (~22 min): router
 #   recall  experiments/configs/tiny_msa_recall.json   1,600 steps from base (~5 min)
 #   answer  experiments/configs/tiny_msa_answer.json   2,000 steps from recall (~6 min): answer-
@@ -23,17 +23,21 @@
 #           computing what it did (msa_jax/training/grow.py), so more capacity starts from what it
 #           knows instead of from scratch (the from-scratch recipe was too slow, BENCHMARKS §15).
 #   wide    experiments/configs/tiny_msa_wide.json     2,500 steps from grow (~15 min alone on an
-#           H100, 340 ms/step): the shipped model. The mixed stage's tasks plus needles among other
-#           needles (niah_multi_key), 16 near-namesake distractors, miss rounds, lr 5e-4 -> 5e-5.
+#           H100, 340 ms/step). The mixed stage's tasks plus needles among other needles
+#           (niah_multi_key), 16 near-namesake distractors, miss rounds, lr 5e-4 -> 5e-5.
+#   needles experiments/configs/tiny_msa_needles.json  1,500 steps from wide (~9 min alone on an
+#           H100, 335 ms/step): the shipped model. A fifth of the records are memories of 16
+#           needles of different keys (data.niah_keys), needle memories hold fact cards among
+#           their distractors (data.card_distractors 0.5), lr 3e-4 -> 3e-5.
 # Each stage writes WORKDIR/<stage>/final (a paused stage: WORKDIR/<stage>/snapshot); a later
 # stage continues from the previous one.
 # Jobs with a time limit add --pause_after_step=N (extra args are passed on) and rerun the same
 # command: a resumed run continues bit-identically.
 #   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run                 # all stages
 #   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run answer          # one stage
-#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval            # evaluate wide/final
+#   bash experiments/train_tiny_msa.sh /tmp/tiny_msa_run eval            # evaluate needles/final
 set -euo pipefail
-WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [base|recall|answer|aligned|extend|mixed|grow|wide|eval] [train.py flags]}
+WORKDIR=${1:?usage: train_tiny_msa.sh WORKDIR [base|recall|answer|aligned|extend|mixed|grow|wide|needles|eval] [train.py flags]}
 WHAT=${2:-all}
 stage() {  # stage NAME CONFIG [PREVIOUS]
   local init=()
@@ -57,7 +61,8 @@ case "$WHAT" in
        stage extend tiny_msa_extend.json aligned --pause_after_step=2558 \
              --set=model.overrides.attention_block=256 "${@:3}"
        stage mixed tiny_msa_mixed.json extend --pause_after_step=1745 "${@:3}"
-       grow; stage wide tiny_msa_wide.json grown "${@:3}" ;;
+       grow; stage wide tiny_msa_wide.json grown "${@:3}"
+       stage needles tiny_msa_needles.json wide "${@:3}" ;;
   base) stage base tiny_msa.json "" "${@:3}" ;;
   recall) stage recall tiny_msa_recall.json base "${@:3}" ;;
   answer) stage answer tiny_msa_answer.json recall "${@:3}" ;;
@@ -67,9 +72,10 @@ case "$WHAT" in
   mixed) stage mixed tiny_msa_mixed.json extend --pause_after_step=1745 "${@:3}" ;;
   grow) grow ;;
   wide) stage wide tiny_msa_wide.json grown "${@:3}" ;;
+  needles) stage needles tiny_msa_needles.json wide "${@:3}" ;;
   eval)
     for task in fact_lookup multi_hop niah_single; do
-      python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/wide/final" --task=$task \
+      python3 experiments/eval_synthetic.py --checkpoint="$WORKDIR/needles/final" --task=$task \
           --memory_tokens=16384 --num_records="${EVAL_RECORDS:-48}" --seed=1000 --batch_size=16 \
           --max_doc_tokens=64 --out="$WORKDIR/eval_${task}_16k.json"
     done ;;
