@@ -348,50 +348,38 @@ def test_long_document_share_is_per_record_and_reproducible():
   assert max(max(len(world.encode(d)) for d in short[i].documents) for i in range(50)) <= 48
 
 
-def test_synthetic_records_put_niah_keys_needles_in_multi_key_memories():
-  """data.niah_keys sets how many needles of different keys a niah_multi_key memory holds (4 by
-  default); the question asks one of them, and a fact lookup of the same mix is unchanged."""
+def _needle_pairs(**option):
+  """Records of a fact-lookup + niah_multi_key mix without and with a data option: the fact
+  lookups must come out unchanged; returns the (plain, changed) needle records."""
   world = world_tokenizer()
   data = DataConfig(tasks={"fact_lookup": 1.0, "niah_multi_key": 1.0}, min_doc_tokens=16,
                     max_doc_tokens=48, num_records=16, max_docs=128)
   phase = PhaseConfig(name="p", steps=1, peak_lr=1e-3, end_lr=1e-4, memory_tokens=2048)
   plain = data_setup.record_source(data, phase, world, seed=4)
-  many = data_setup.record_source(dataclasses.replace(data, niah_keys=12), phase, world, seed=4)
+  changed = data_setup.record_source(dataclasses.replace(data, **option), phase, world, seed=4)
+  pairs = [(plain[i], changed[i]) for i in range(16)]
+  assert {a.task for a, _ in pairs} == {"fact_lookup", "niah_multi_key"}
+  assert all(a == b for a, b in pairs if a.task == "fact_lookup")
+  return [(a, b) for a, b in pairs if a.task == "niah_multi_key"]
+
+
+def test_synthetic_records_put_niah_keys_needles_in_multi_key_memories():
+  """data.niah_keys sets how many needles of different keys a niah_multi_key memory holds (4 by
+  default); the question asks one of them, and a fact lookup of the same mix is unchanged."""
   needles = lambda r: [d for d in r.documents if "special magic number for" in d]
-  seen = set()
-  for i in range(16):
-    a, b = plain[i], many[i]
-    seen.add(a.task)
-    if a.task == "fact_lookup":
-      assert a == b
-      continue
+  for a, b in _needle_pairs(niah_keys=12):
     assert len(needles(a)) == 4 and len(needles(b)) == 12
     keys = {d.split("special magic number for ")[1].split(" is")[0] for d in needles(b)}
     assert len(keys) == 12 and b.question.split(" for ")[1].split(" mentioned")[0] in keys
-  assert seen == {"fact_lookup", "niah_multi_key"}
 
 
 def test_synthetic_records_pass_card_distractors_to_needle_tasks():
   """data.card_distractors reaches the needle tasks (fact cards among a needle memory's
-  distractors, the same record the generator gives), and a fact lookup of the mix is unchanged."""
-  world = world_tokenizer()
-  data = DataConfig(tasks={"fact_lookup": 1.0, "niah_multi_key": 1.0}, min_doc_tokens=16,
-                    max_doc_tokens=48, num_records=16, max_docs=128)
-  phase = PhaseConfig(name="p", steps=1, peak_lr=1e-3, end_lr=1e-4, memory_tokens=2048)
-  plain = data_setup.record_source(data, phase, world, seed=4)
-  carded = data_setup.record_source(dataclasses.replace(data, card_distractors=0.5), phase, world,
-                                    seed=4)
+  distractors), and a fact lookup of the mix is unchanged."""
   is_card = lambda d: bool((m := re.match(r"\w+ \w+\. ([\w ]+): ", d)) and m[1] in ATTRIBUTE_NAMES)
-  seen = set()
-  for i in range(16):
-    a, b = plain[i], carded[i]
-    seen.add(a.task)
-    if a.task == "fact_lookup":
-      assert a == b
-      continue
+  for a, b in _needle_pairs(card_distractors=0.5):
     assert not any(map(is_card, a.documents)) and sum(map(is_card, b.documents)) >= 5
     assert b.question == a.question and b.answer == a.answer
-  assert seen == {"fact_lookup", "niah_multi_key"}
 
 
 def test_synthetic_records_pass_name_negatives_context_distractors_and_misses_to_their_tasks():
