@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = {"wide (session 16)": ["../session16_2026-12-07/demo_routed_16k_to_1m.json.gz",
                               "../session16_2026-12-07/demo_routed_4m.json.gz"],
-        "needles (shipped)": ["demo_needles_16k_to_256k.json.gz", "demo_needles_1m.json.gz"]}
+        "needles (shipped)": ["demo_needles_16k_to_256k.json.gz", "demo_needles_1m.json.gz",
+                               "demo_needles_4m.json.gz"]}
 TASKS = (("fact_lookup", "single-hop (48)"), ("multi_hop", "multi-hop (24)"),
          ("niah_single", "needle (16)"))
 
