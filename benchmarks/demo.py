@@ -78,17 +78,19 @@ def _label(tokens: int) -> str:
   return str(tokens)
 
 
-def retrieval_mode(config: InterleaveConfig) -> str:
-  """Which retrieval answered, for the table and the chart."""
+def retrieval_mode(config: InterleaveConfig, top_k_docs: int | None = None) -> str:
+  """Which retrieval answered, for the table and the chart; `top_k_docs`: the documents each
+  router layer selected, when named."""
   rounds = lambda n: f"{n} round" + "s" * (n != 1)
+  selects = "" if top_k_docs is None else f", top {top_k_docs} per router layer"
   if config.router_only:
     return (f"router-only retrieval (top {config.router_docs} by router score, "
-            f"{rounds(config.router_rounds)})")
+            f"{rounds(config.router_rounds)}{selects})")
   ids = ""
   if config.routed_ids:
     ids = (f", ids among the {config.routed_choices} best routed" if config.routed_choices
            else ", ids among the routed documents")
-  return f"generative retrieval (Memory Interleave, up to {rounds(config.max_rounds)}{ids})"
+  return f"generative retrieval (Memory Interleave, up to {rounds(config.max_rounds)}{ids}{selects})"
 
 
 def _describe(label: str, query: Query, row: dict) -> str:
@@ -168,7 +170,9 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
                    "tokens": memory.tokens, "encode_s": encode_s,
                    "diagnosis": diagnose(asked["records"]), **asked})
   return {"settings": {**dataclasses.asdict(settings), "sizes": sizes},
-          "retrieval": retrieval_mode(settings.interleave), "questions": len(pool.questions),
+          "top_k_docs": loaded.msa_config.top_k_docs,
+          "retrieval": retrieval_mode(settings.interleave, loaded.msa_config.top_k_docs),
+          "questions": len(pool.questions),
           "seconds": time.perf_counter() - start, "baseline": baseline, "levels": levels}
 
 

@@ -53,6 +53,8 @@ _ROUTED_IDS = flags.DEFINE_bool("routed_ids", True, "Memory Interleave writes on
 _ROUTED_CHOICES = flags.DEFINE_integer("routed_choices", 1, "With --routed_ids: offer only this "
                                        "many routed documents, best router score first (0: all; "
                                        "default 1: the router picks, unless --norouted_ids).")
+_TOP_K = flags.DEFINE_integer("top_k_docs", None, "Documents each router layer selects (default: "
+                              "the model's top_k_docs).", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", DemoSettings.batch_size, "Questions per prefill "
                               "(routing over the bank holds a [batch, prompt, chunks] score array: "
                               "mind the memory).")
@@ -71,7 +73,7 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--sizes must be integers, got {_SIZES.value}") from None
   given = lambda holder: holder.value if holder.present else None
-  loaded = msa_jax.load(_CHECKPOINT.value)
+  loaded = msa_jax.load(_CHECKPOINT.value, top_k_docs=_TOP_K.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
                           num_needle=_NEEDLE.value, seed=_SEED.value,
                           max_doc_tokens=_MAX_DOC.value,

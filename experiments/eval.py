@@ -88,7 +88,7 @@ def main(argv):
     judgements.read()
   queries = read_queries(_QUERIES.value, memory_file=_MEMORY_FILE.value,
                          allow_pickle=_ALLOW_PICKLE.value)
-  loaded = msa_jax.load(_CHECKPOINT.value)
+  loaded = msa_jax.load(_CHECKPOINT.value, **_SERVING.load_overrides())
   server = open_server(loaded, _BANK.value, **_SERVING.server_kwargs())
   check_against_memory(queries, server.bank)
   os.makedirs(_OUT.value, exist_ok=True)

@@ -37,6 +37,8 @@ _MAX_DOCS = flags.DEFINE_integer("max_docs", None, "Most documents in one memory
                                  "memory, which the printed size shows).")
 _PROMPT = flags.DEFINE_integer("seq_len_prompt", 2048, "Prompt buffer length (holds the retrieved documents' text).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Questions evaluated together.")
+_TOP_K = flags.DEFINE_integer("top_k_docs", None, "Documents each router layer selects (default: "
+                              "the model's top_k_docs).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Write the JSON results here.")
 
 
@@ -48,11 +50,11 @@ def main(argv):
   settings = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "task": _TASK.value,
               "memory_tokens": _MEMORY.value, "num_records": _NUM.value, "seed": _SEED.value,
               "doc_tokens": [_MIN_DOC.value, _MAX_DOC.value], "max_docs": _MAX_DOCS.value,
-              "seq_len_prompt": _PROMPT.value}
+              "seq_len_prompt": _PROMPT.value, "top_k_docs": _TOP_K.value}
   record_log = JsonlLog(f"{_OUT.value}.progress.jsonl", settings) if _OUT.value else None
   if record_log:
     record_log.read()  # a log of other settings is refused now, not after loading
-  loaded = msa_jax.load(_CHECKPOINT.value)
+  loaded = msa_jax.load(_CHECKPOINT.value, top_k_docs=_TOP_K.value)
   tokenizer = loaded.tokenizer
   align_to = loaded.msa_config.doc_align_to
   length = document_length_fn(tokenizer, align_to)

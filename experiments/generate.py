@@ -78,7 +78,7 @@ def main(argv):
     raise app.UsageError("--prompt is for generation without a bank; ask --question instead")
   config = _SERVING.interleave_config()
   questions = _questions() if _BANK.value else []
-  loaded = msa_jax.load(_CHECKPOINT.value)
+  loaded = msa_jax.load(_CHECKPOINT.value, **_SERVING.load_overrides())
   if loaded.tokenizer is None:
     raise ValueError(f"{_CHECKPOINT.value} has no tokenizer.json")
   if not _BANK.value:

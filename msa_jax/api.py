@@ -52,11 +52,14 @@ def _plain_logits(model, params, prompt):
 
 def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None = None,
          scan_layers: bool | None = None, score_mode: str | None = None,
-         shardings: Any = None) -> LoadedModel:
+         top_k_docs: int | None = None, shardings: Any = None) -> LoadedModel:
   """Loads an msa_jax checkpoint directory, or converts a Hugging Face directory in memory.
 
   Overrides: `compute_dtype` (e.g. "float32" for parity checks), `param_dtype` (cast on load),
-  `scan_layers`, and `score_mode` (replacing the router score gating read from the checkpoint).
+  `scan_layers`, `score_mode` (replacing the router score gating read from the checkpoint) and
+  `top_k_docs` (the documents each router layer selects: a serving choice, as the official
+  engine's top-k is; the shipped tiny model writes ids exactly from one selected document but not
+  from several, BENCHMARKS §18).
   `shardings`: NamedShardings in the model's layout (e.g. `sharding.param_shardings`); each
   parameter of an msa_jax checkpoint is then read straight onto its devices, so no host holds the
   whole model (a Hugging Face directory still passes through host memory once).
@@ -73,6 +76,10 @@ def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None
   model_cfg = model_cfg.replace(**overrides)
   if score_mode is not None:
     msa_cfg = msa_cfg.replace(score_mode=score_mode)
+  if top_k_docs is not None:
+    if isinstance(top_k_docs, bool) or not isinstance(top_k_docs, int) or top_k_docs < 1:
+      raise ValueError(f"top_k_docs must be a positive int, got {top_k_docs!r}")
+    msa_cfg = msa_cfg.replace(top_k_docs=top_k_docs)
   dtype = jnp.dtype(model_cfg.param_dtype)
   target = None
   if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):

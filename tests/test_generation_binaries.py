@@ -209,6 +209,8 @@ def test_demo_chart_draws_the_baseline_and_names_the_retrieval(tmp_path, monkeyp
   (dashed,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
   assert dashed.get_label() == "answer EM, no memory" and list(dashed.get_ydata()) == [0.25] * 2
   assert mode == "router-only retrieval (top 2 by router score, 1 round)"
+  assert demo.retrieval_mode(InterleaveConfig(max_rounds=3), top_k_docs=1) == (
+      "generative retrieval (Memory Interleave, up to 3 rounds, top 1 per router layer)")
   assert mode in ax.get_title()
   table = demo.format_table(report).splitlines()
   assert table[0] == mode and table[2].split() == ["none", "0", "0.250", "-", "-"]
@@ -247,7 +249,9 @@ def test_serving_flags_are_defined_by_the_binary_not_on_import():
   assert "max_rounds" not in flags.FLAGS  # importing the module defined nothing
   values = flags.FlagValues()
   holders = serving_flags.define_serving_flags(values)
-  values(["prog", "--router_only", "--router_docs=3", "--tier=device", "--temperature=0.5"])
+  values(["prog", "--router_only", "--router_docs=3", "--tier=device", "--temperature=0.5",
+          "--top_k_docs=1"])
+  assert holders.load_overrides() == {"top_k_docs": 1}
   config = holders.interleave_config()
   assert config.router_only and config.router_docs == 3
   kwargs = holders.server_kwargs()

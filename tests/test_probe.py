@@ -133,13 +133,26 @@ def _accumulate(sums, cond, logits, prompt, steps):
   logp = _log_softmax(np.asarray(logits, np.float64))
   labels = np.asarray(prompt.labels)
   for b, (_, _, k) in enumerate(steps):
+    place, digits_right = 0, []
     for j, pos in enumerate(np.flatnonzero(labels[b] >= 0)):
       cls = _oracle_class(TOKENIZER.decode([labels[b, pos]]), k, j, prefix_len)
+      right = int(np.argmax(logits[b, pos]) == labels[b, pos])
       for key in ((cond, k, cls), (cond, k, "all")):
         s = sums.setdefault(key, [0, 0, 0.0])
         s[0] += 1
-        s[1] += int(np.argmax(logits[b, pos]) == labels[b, pos])
+        s[1] += right
         s[2] += logp[b, pos, labels[b, pos]]
+      # an id's digits are consecutive labels; any other label ends the id
+      place = place + 1 if cls == "id_digits" else 0
+      if cls == "id_digits":
+        s = sums.setdefault((cond, k, "place", place - 1), [0, 0])
+        s[0] += 1
+        s[1] += right
+        digits_right.append(right)
+    if digits_right:
+      s = sums.setdefault((cond, k, "exact", None), [0, 0])
+      s[0] += 1
+      s[1] += all(digits_right)
 
 
 def test_probe_equals_a_numpy_oracle_over_the_training_forward():
@@ -175,6 +188,20 @@ def test_probe_equals_a_numpy_oracle_over_the_training_forward():
   logits, out = prefill_forced(params, prompt, view, gold)
   _accumulate(sums, "gold_forced", np.asarray(logits), prompt, steps)
   checked = set()
+  places = {key: v for key, v in sums.items() if len(key) == 4}
+  for key, (rows, right) in places.items():
+    if key[2] == "exact":
+      assert result["ids_exact"][key[0]][key[1]] == pytest.approx(right / rows, abs=1e-9), key
+    else:
+      got = result["id_digits_by_place"][key[0]][key[1]][key[3]]
+      assert got == pytest.approx(right / rows, abs=1e-9), key
+  assert {(c, k, p) for c, k, what, p in places if what == "place"} == \
+      {(c, k, p) for c, kinds in result["id_digits_by_place"].items() for k, per in kinds.items()
+       for p in range(len(per))}
+  assert max(len(per) for kinds in result["id_digits_by_place"].values()
+             for per in kinds.values()) == 3  # the first record's 3-digit ids
+  for key in places:
+    del sums[key]
   for (cond, kind, cls), (count, correct, logp) in sums.items():
     got = result["metrics"][cond][kind][cls]
     assert got["count"] == count, (cond, kind, cls)

@@ -34,6 +34,12 @@ class ServingFlags:
   tier: flags.FlagHolder
   routing_kernel: flags.FlagHolder
   memory_devices: flags.FlagHolder
+  top_k_docs: flags.FlagHolder
+
+  def load_overrides(self) -> dict:
+    """Keyword arguments of `msa_jax.load` that serving settles (the documents each router layer
+    selects)."""
+    return dict(top_k_docs=self.top_k_docs.value)
 
   def interleave_config(self) -> InterleaveConfig:
     return InterleaveConfig(max_rounds=self.max_rounds.value, round_tokens=self.round_tokens.value,
@@ -89,4 +95,8 @@ def define_serving_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Serving
                                        "backend (auto), or one forced.", **fv),
       memory_devices=flags.DEFINE_integer("memory_devices", None, "Devices the bank is sharded "
                                           "over (default: all).", **fv),
+      top_k_docs=flags.DEFINE_integer("top_k_docs", None, "Documents each router layer selects "
+                                      "(default: the model's top_k_docs; fewer documents can "
+                                      "make written ids exact, BENCHMARKS §18).", lower_bound=1,
+                                      **fv),
   )

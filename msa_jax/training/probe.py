@@ -25,7 +25,10 @@ the retrieval steps right after a miss round, `Record.misses`, which must retrie
 - `gold_forced`: the step's gold documents forced into every router layer's top-k (`ForcedView`):
   id reading and answer copying from memory with router errors taken out.
 Also: router recall@1 per router layer (the router's own scores) and, per condition, how often
-every gold document was in a layer's selection.
+every gold document was in a layer's selection. For the id digits, per condition and step kind:
+the accuracy by the digit's place in its id (`id_digits_by_place`: do the first digits read and
+the later ones not?) and the share of steps whose every id digit is the argmax (`ids_exact`, the
+teacher-forced bound of writing the whole id set).
 
 Each record's memory is encoded once (`encode_memory`) and every condition's prompts are prefilled
 over it. Encode + prefill equals the training forward (a DESIGN.md invariant; the probe's tests
@@ -60,6 +63,7 @@ STEP_KINDS = ("retrieval", "after_miss", "answer")
 CLASSES = ("format", "id_digits", "answer", "decision")
 FORMAT, ID_DIGITS, ANSWER, DECISION = range(len(CLASSES))
 NORMAL, APPENDED, FORCED = range(len(CONDITIONS))
+MAX_ID_PLACES = 8  # id digits tallied by place up to this; later places count in the last
 _PROMPT_MULTIPLE = 256  # prompt rows are padded to a multiple of this: few shapes, few compilations
 _ROUND_ID = re.compile(r"\[(\d+)\]")
 
@@ -178,10 +182,21 @@ class _Tally:
     self.gold_selected = np.zeros((len(CONDITIONS), len(STEP_KINDS), num_layers))
     self.rows = np.zeros((len(CONDITIONS), len(STEP_KINDS)), int)
     self.recall = np.zeros((len(STEP_KINDS), num_layers))
+    self.place_correct = np.zeros((len(CONDITIONS), len(STEP_KINDS), MAX_ID_PLACES))
+    self.place_count = np.zeros((len(CONDITIONS), len(STEP_KINDS), MAX_ID_PLACES), int)
+    self.ids_exact = np.zeros((len(CONDITIONS), len(STEP_KINDS)))
+    self.id_rows = np.zeros((len(CONDITIONS), len(STEP_KINDS)), int)
 
   def add(self, item: _Item, grid, logp, correct, selected, recall1) -> None:
     gold = selected[:, list(item.sample.positive_docs)].all(axis=-1)
+    digits = np.flatnonzero(grid == ID_DIGITS)
+    places = id_digit_places(digits)
     for c in item.conditions:
+      if digits.size:
+        np.add.at(self.place_correct[c, item.kind], places, correct[digits])
+        np.add.at(self.place_count[c, item.kind], places, 1)
+        self.ids_exact[c, item.kind] += correct[digits].all()
+        self.id_rows[c, item.kind] += 1
       for k in range(len(CLASSES)):
         m = grid == k
         self.logp[c, item.kind, k] += logp[m].sum()
@@ -212,8 +227,27 @@ class _Tally:
         gold[cond][kind] = per_layer(self.gold_selected[c, k], self.rows[c, k])
     recall = {kind: per_layer(self.recall[k], self.rows[NORMAL, k])
               for k, kind in enumerate(STEP_KINDS)}
+    places = {cond: {kind: [float(a / n) for a, n in zip(self.place_correct[c, k],
+                                                         self.place_count[c, k]) if n]
+                     for k, kind in enumerate(STEP_KINDS) if self.id_rows[c, k]}
+              for c, cond in enumerate(CONDITIONS)}
+    exact = {cond: {kind: float(self.ids_exact[c, k] / self.id_rows[c, k])
+                    for k, kind in enumerate(STEP_KINDS) if self.id_rows[c, k]}
+             for c, cond in enumerate(CONDITIONS)}
     return {"metrics": metrics, "router_recall@1": recall, "gold_in_selection": gold,
+            "id_digits_by_place": places, "ids_exact": exact,
             "samples": {kind: int(self.rows[NORMAL, k]) for k, kind in enumerate(STEP_KINDS)}}
+
+
+def id_digit_places(digits: np.ndarray) -> np.ndarray:
+  """The place of each id digit in its id (0: the first digit), given the sorted positions of a
+  row's id digits: an id is a run of consecutive positions (ids are separated by brackets);
+  places past MAX_ID_PLACES - 1 count in the last."""
+  if not digits.size:
+    return digits
+  starts = np.concatenate([[True], np.diff(digits) > 1])
+  first = np.maximum.accumulate(np.where(starts, np.arange(digits.size), 0))
+  return np.minimum(np.arange(digits.size) - first, MAX_ID_PLACES - 1)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -300,4 +334,8 @@ def format_table(result: dict) -> str:
       lines.append(f"{'gold selected':<19} {kind:<10} " + " ".join(f"{fmt(v):>8}"
                                                                  for v in per.values())
                    + f"  ({cond})")
+  for cond, kinds in result["id_digits_by_place"].items():
+    for kind, per in kinds.items():
+      lines.append(f"{'id digit by place':<19} {kind:<10} " + " ".join(f"{v:>6.3f}" for v in per)
+                   + f"  ids exact {result['ids_exact'][cond][kind]:.3f} ({cond})")
   return "\n".join(lines)
