@@ -24,6 +24,7 @@ failures in a row the rest are marked unjudged instead of waiting on a judge tha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -203,7 +204,8 @@ def evaluate_records(model: MSAForCausalLM, params, tokenizer: Tokenizer,
                      f"{msa.template_len}")
   vocab = model.config.vocab_size
   encode = jax.jit(entry_points.encode_memory, static_argnums=0)
-  forward = jax.jit(entry_points.forward, static_argnums=0)
+  scored_prefill = jax.jit(functools.partial(entry_points.prefill, document_scores=True),
+                           static_argnums=0)
   done = _answered([r.question for r in records], record_log)
   todo = [i for i in range(len(records)) if i not in done]
   for start in range(0, len(todo), batch_size):
@@ -216,9 +218,9 @@ def evaluate_records(model: MSAForCausalLM, params, tokenizer: Tokenizer,
                                  chunk_size=msa.chunk_size, question_position=msa.question_position,
                                  pad_id=tokenizer.pad_id, vocab_size=vocab)
     view = encode(model, params, memory, jnp.asarray(head, jnp.int32)).view
-    # recall@n ranks every document by the training forward's scores (n may exceed the k of a
-    # selection)
-    out = forward(model, params, memory, prompt)
+    # recall@n ranks every document by the router's scores over the encoded memory (n may exceed
+    # the k of a selection); encode + prefill is the training forward, at one memory stream's cost
+    _, out = scored_prefill(model, params, prompt, view)
     labels = np.zeros((len(chunk), out.doc_scores.shape[-1]), np.int32)  # column d-1: document d
     for b, sample in enumerate(retrieve):
       labels[b, list(sample.positive_docs)] = 1
