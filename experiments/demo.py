@@ -7,13 +7,15 @@ retrieval rounds and answer, then a table of memory size vs accuracy, saved as J
   python experiments/demo.py --num_single=32 --num_multi=16        # finer accuracy
   python experiments/demo.py --num_needle=8                        # RULER-style needles too
   python experiments/demo.py --router_only                         # retrieve by router score
-  python experiments/demo.py --norouted_ids                        # the official free-id loop
+  python experiments/demo.py --routed_ids                          # router-picked rounds
+  python experiments/demo.py --top_k_docs=0                        # the model's own top-k (4)
 
-By default each Memory Interleave round offers the model the router's best not-yet-injected
-document or `<End-of-Retrieve>` (`--routed_ids --routed_choices=1`): the router picks the evidence
-and the model decides when it has enough. The shipped tiny model writes whole ids right in only
-about a third to a half of rounds, so the official loop, where it writes any id, answers far less
-(BENCHMARKS.md §9).
+By default the demo runs the official loop, generative retrieval: each Memory Interleave round
+the model writes the ids of the documents it wants, or `<End-of-Retrieve>` and the answer, with
+each router layer selecting one document (`--top_k_docs=1`). The shipped tiny model reads a
+whole id exactly from one selected document, but among the 4 it trained with it picks the
+question's only about half the time (BENCHMARKS.md §18). `--routed_ids` lets the router pick each
+round's document and the model only decide when it has enough.
 """
 
 from absl import app, flags
@@ -46,15 +48,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and memories.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question stops.")
 _ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of the ids "
                                  "the model writes (models not trained to write ids).")
-_ROUTED_IDS = flags.DEFINE_bool("routed_ids", True, "Memory Interleave writes one id per round "
-                                 "among the documents the router selected (constrained "
-                                 "decoding). On unless --router_only; --norouted_ids: the model "
-                                 "writes any id.")
+_ROUTED_IDS = flags.DEFINE_bool("routed_ids", False, "Router-picked rounds: Memory Interleave "
+                                 "writes one id per round among the documents the router selected "
+                                 "(constrained decoding) instead of any id (the official loop, "
+                                 "the default).")
 _ROUTED_CHOICES = flags.DEFINE_integer("routed_choices", 1, "With --routed_ids: offer only this "
                                        "many routed documents, best router score first (0: all; "
-                                       "default 1: the router picks, unless --norouted_ids).")
-_TOP_K = flags.DEFINE_integer("top_k_docs", None, "Documents each router layer selects (default: "
-                              "the model's top_k_docs).", lower_bound=1)
+                                       "default 1: the router picks, the model decides whether "
+                                       "to retrieve).")
+_TOP_K = flags.DEFINE_integer("top_k_docs", DemoSettings.top_k_docs, "Documents each router "
+                              "layer selects (0: the model's own top_k_docs). The shipped model, "
+                              "trained with 4, writes ids exactly from one (BENCHMARKS.md §18).",
+                              lower_bound=0)
 _BATCH = flags.DEFINE_integer("batch_size", DemoSettings.batch_size, "Questions per prefill "
                               "(routing over the bank holds a [batch, prompt, chunks] score array: "
                               "mind the memory).")
@@ -73,7 +78,7 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--sizes must be integers, got {_SIZES.value}") from None
   given = lambda holder: holder.value if holder.present else None
-  loaded = msa_jax.load(_CHECKPOINT.value, top_k_docs=_TOP_K.value)
+  loaded = msa_jax.load(_CHECKPOINT.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
                           num_needle=_NEEDLE.value, seed=_SEED.value,
                           max_doc_tokens=_MAX_DOC.value,
@@ -81,7 +86,8 @@ def main(argv):
                                                      router_only=_ROUTER_ONLY.value,
                                                      routed_ids=given(_ROUTED_IDS),
                                                      routed_choices=given(_ROUTED_CHOICES)),
-                          batch_size=_BATCH.value, memory_devices=_DEVICES.value)
+                          batch_size=_BATCH.value, memory_devices=_DEVICES.value,
+                          top_k_docs=_TOP_K.value or None)
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()
   print(format_table(report))

@@ -176,8 +176,11 @@ def test_demo_binary_on_a_tiny_memory(tmp_path):
       assert r["ids"] == r["unknown_ids"]
     assert f"[none] {row['task']}: {row['question']}\n" in result.stdout
   assert set(baseline["summary"]["all"]) == {"n", "exact_match", "token_f1"}
-  assert report["retrieval"] == ("generative retrieval (Memory Interleave, up to 1 round, ids "
-                                 "among the 1 best routed)")  # the demo's default mode
+  assert report["retrieval"] == ("generative retrieval (Memory Interleave, up to 1 round, top 1 "
+                                 "per router layer)")  # the demo's default: the official loop
+  assert report["top_k_docs"] == 1
+  for row in report["levels"][0]["records"]:  # one selected document per router layer
+    assert all(len(layer["doc_ids"]) <= 1 for r in row["rounds"] for layer in r["routing"])
   table = result.stdout[result.stdout.index(report["retrieval"] + "\n"):]
   lines = table.splitlines()
   assert lines[1].split()[:5] == ["memory", "docs", "answer", "EM", "retrieval"]
@@ -258,17 +261,20 @@ def test_serving_flags_are_defined_by_the_binary_not_on_import():
   assert kwargs["tier"] == "device" and kwargs["sampling"].temperature == 0.5
 
 
-def test_demo_retrieval_defaults_to_router_picked_rounds_unless_asked_otherwise():
-  """Router-picked rounds by default; --router_only or an explicit routed option is taken as
-  given, and contradictory explicit options are the config's clear error."""
-  assert demo.demo_interleave(8) == InterleaveConfig(max_rounds=8, routed_ids=True,
-                                                     routed_choices=1)
+def test_demo_retrieval_defaults_to_the_official_loop_unless_asked_otherwise():
+  """The official free-id loop by default; --router_only, --routed_ids or an explicit
+  --routed_choices is taken as given, and contradictory explicit options are the config's clear
+  error."""
+  assert demo.demo_interleave(8) == InterleaveConfig(max_rounds=8)
   assert demo.demo_interleave(3, router_only=True) == InterleaveConfig(max_rounds=3,
                                                                        router_only=True)
-  assert demo.demo_interleave(8, routed_ids=False) == InterleaveConfig(max_rounds=8)
+  assert demo.demo_interleave(8, routed_ids=True) == InterleaveConfig(max_rounds=8,
+                                                                      routed_ids=True,
+                                                                      routed_choices=1)
   assert demo.demo_interleave(8, routed_choices=0) == InterleaveConfig(max_rounds=8,
                                                                        routed_ids=True)
   assert demo.DemoSettings().interleave == demo.demo_interleave()
+  assert demo.DemoSettings().top_k_docs == 1
   with pytest.raises(ValueError, match="routed_ids and router_only"):
     demo.demo_interleave(8, router_only=True, routed_ids=True)
   with pytest.raises(ValueError, match="routed_choices"):
