@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Callable
 
-from benchmarks.demo import demo_interleave, describe_answer
+from benchmarks.demo import demo_interleave, describe_answer, retrieval_mode
 from benchmarks.demo_diagnosis import hop_top1
 from msa_jax import evaluation
 from msa_jax.api import LoadedModel
@@ -103,8 +103,8 @@ def run_single_needle(loaded: LoadedModel, settings: NeedleSettings, work_dir: s
   finally:
     shutil.rmtree(work, ignore_errors=True)
   top1 = hop_top1(rows).get("niah_single/0", [0, 0])
-  return {"settings": {**dataclasses.asdict(settings), "model_top_k_docs":
-                       loaded.msa_config.top_k_docs},
+  return {"settings": dataclasses.asdict(settings),
+          "retrieval": retrieval_mode(settings.interleave, loaded.msa_config.top_k_docs),
           "memory_documents": len(haystack) + 1, "haystack_tokens": haystack_tokens,
           "encode_s": encode_s, "answer_s": time.perf_counter() - start,
           "summary": metrics.summarize(rows, metrics.METRICS),
@@ -114,7 +114,7 @@ def run_single_needle(loaded: LoadedModel, settings: NeedleSettings, work_dir: s
 def format_summary(result: dict) -> str:
   s = result["summary"]["all"]
   right, asked = result["router_top1"]
-  return (f"S-NIAH over {result['memory_documents']} documents ({result['haystack_tokens']} "
+  return (f"{result['retrieval']}\nS-NIAH over {result['memory_documents']} documents ({result['haystack_tokens']} "
           f"haystack tokens and the needle): answer EM {s['exact_match']:.3f}, generative retrieval (written ids = the "
           f"needle) {s['retrieval_exact']:.3f}, router top-1 {right}/{asked}, n={s['n']}")
 
@@ -133,7 +133,7 @@ def _plot(result: dict, path: str) -> None:
   ax.bar_label(bars, labels=[f"{v:.2f}" for v in values])
   ax.set_ylim(0, 1.1)
   ax.set_title(f"S-NIAH, {s['n']} questions, each over {result['haystack_tokens']:,} haystack "
-               f"tokens + its needle", fontsize=9)
+               f"tokens + its needle\n{result['retrieval']}", fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -278,13 +278,17 @@ def _run_tool(*args):
 def test_tool_writes_json_and_fails_clearly_without_a_model(tmp_path):
   out = tmp_path / "probe.json"
   run = _run_tool("--model=models/tiny_msa", "--memory_tokens=1024", "--num_samples=2",
-                  "--batch_size=2", "--seed=99", "--miss_rate=0.9", f"--out={out}")
+                  "--batch_size=2", "--seed=99", "--miss_rate=0.9", "--top_k_docs=1",
+                  f"--out={out}")
   assert run.returncode == 0, run.stderr
   assert "gold_forced" in run.stdout and "recall@1" in run.stdout
   result = json.loads(out.read_text())
   assert result["settings"]["seed"] == 99 and result["records"] == 2
   assert result["metrics"]["normal"]["retrieval"]["id_digits"]["count"] > 0
   assert result["settings"]["miss_rate"] == 0.9
+  assert result["settings"]["top_k_docs"] == 1  # the shipped model's 4, overridden
+  assert all(v == 1.0 for v in result["gold_in_selection"]["gold_forced"]["retrieval"].values())
+  assert "id digit by place" in run.stdout and result["ids_exact"]["normal"]["retrieval"] >= 0
   assert result["metrics"]["normal"]["after_miss"]["decision"]["count"] == result["samples"][
       "after_miss"] > 0  # one decision per step
   assert result["settings"]["doc_tokens"] == [16, 64]  # the shipped model's train_config.json

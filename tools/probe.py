@@ -48,6 +48,8 @@ _MISS_RATE = flags.DEFINE_float("miss_rate", 0.0, "Miss rounds (a wrong card inj
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Records whose prompts are scored together.")
 _BLOCK = flags.DEFINE_integer("attention_block", 128, "Tile edge of the blockwise attention (speed "
                               "only: small tiles skip more of a row of short documents on CPU).")
+_TOP_K = flags.DEFINE_integer("top_k_docs", None, "Documents each router layer selects (default: "
+                              "the model's top_k_docs).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Write the JSON results here (atomically).")
 
 
@@ -82,7 +84,7 @@ def main(argv):
   if not os.path.isdir(_MODEL.value):
     sys.exit(f"probe: no model directory at {_MODEL.value}")
   try:
-    loaded = msa_jax.load(_MODEL.value)
+    loaded = msa_jax.load(_MODEL.value, top_k_docs=_TOP_K.value)
     loaded.model_config = loaded.model_config.replace(attention_block=_BLOCK.value)
     if loaded.tokenizer is None:
       raise ValueError(f"{_MODEL.value} has no tokenizer.json")
@@ -113,6 +115,7 @@ def main(argv):
                         "seed": _SEED.value, "doc_id_max": doc_id_max,
                         "doc_tokens": list(doc_tokens), "name_negatives": _NAME_NEG.value,
                         "miss_rate": _MISS_RATE.value,
+                        "top_k_docs": loaded.msa_config.top_k_docs,
                         "seconds": round(time.perf_counter() - start, 1)}
   print(format_table(result))
   if _OUT.value:
