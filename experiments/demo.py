@@ -22,7 +22,8 @@ from absl import app, flags
 
 import msa_jax
 from benchmarks.common import repo_file
-from benchmarks.demo import DemoSettings, demo_interleave, format_table, run_demo, write_report
+from benchmarks.demo import DemoSettings, format_table, run_demo, write_report
+from benchmarks.demo_flags import define_retrieval_flags
 from benchmarks.demo_diagnosis import format_diagnosis
 from msa_jax.cli import quiet_library_logs, run
 
@@ -45,21 +46,7 @@ _MAX_DOC = flags.DEFINE_integer("max_doc_tokens", DemoSettings.max_doc_tokens,
                                 "Longest synthetic document, in tokens (the shortest is "
                                 f"{DemoSettings.min_doc_tokens}).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and memories.")
-_MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 8, "Retrieval rounds before a question stops.")
-_ROUTER_ONLY = flags.DEFINE_bool("router_only", False, "Retrieve by router score instead of the ids "
-                                 "the model writes (models not trained to write ids).")
-_ROUTED_IDS = flags.DEFINE_bool("routed_ids", False, "Router-picked rounds: Memory Interleave "
-                                 "writes one id per round among the documents the router selected "
-                                 "(constrained decoding) instead of any id (the official loop, "
-                                 "the default).")
-_ROUTED_CHOICES = flags.DEFINE_integer("routed_choices", 1, "With --routed_ids: offer only this "
-                                       "many routed documents, best router score first (0: all; "
-                                       "default 1: the router picks, the model decides whether "
-                                       "to retrieve).")
-_TOP_K = flags.DEFINE_integer("top_k_docs", DemoSettings.top_k_docs, "Documents each router "
-                              "layer selects (0: the model's own top_k_docs). The shipped model, "
-                              "trained with 4, writes ids exactly from one (BENCHMARKS.md §18).",
-                              lower_bound=0)
+_RETRIEVAL = define_retrieval_flags()
 _BATCH = flags.DEFINE_integer("batch_size", DemoSettings.batch_size, "Questions per prefill "
                               "(routing over the bank holds a [batch, prompt, chunks] score array: "
                               "mind the memory).")
@@ -77,17 +64,12 @@ def main(argv):
     sizes = sorted({s for s in smaller if s < _MEMORY.value} | {_MEMORY.value})
   except ValueError:
     raise app.UsageError(f"--sizes must be integers, got {_SIZES.value}") from None
-  given = lambda holder: holder.value if holder.present else None
   loaded = msa_jax.load(_CHECKPOINT.value)
   settings = DemoSettings(sizes=tuple(sizes), num_single=_SINGLE.value, num_multi=_MULTI.value,
                           num_needle=_NEEDLE.value, seed=_SEED.value,
-                          max_doc_tokens=_MAX_DOC.value,
-                          interleave=demo_interleave(_MAX_ROUNDS.value,
-                                                     router_only=_ROUTER_ONLY.value,
-                                                     routed_ids=given(_ROUTED_IDS),
-                                                     routed_choices=given(_ROUTED_CHOICES)),
+                          max_doc_tokens=_MAX_DOC.value, interleave=_RETRIEVAL.interleave(),
                           batch_size=_BATCH.value, memory_devices=_DEVICES.value,
-                          top_k_docs=_TOP_K.value or None)
+                          top_k_docs=_RETRIEVAL.selected_documents())
   report = run_demo(loaded, settings, work_dir=_OUT.value)
   print()
   print(format_table(report))

@@ -261,6 +261,20 @@ def test_serving_flags_are_defined_by_the_binary_not_on_import():
   assert kwargs["tier"] == "device" and kwargs["sampling"].temperature == 0.5
 
 
+def test_demo_retrieval_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from benchmarks.demo_flags import define_retrieval_flags  # pylint: disable=import-outside-toplevel
+  values = flags.FlagValues()
+  holders = define_retrieval_flags(values)
+  values(["prog"])
+  assert holders.interleave() == demo.demo_interleave() and holders.selected_documents() == 1
+  values = flags.FlagValues()
+  holders = define_retrieval_flags(values)
+  values(["prog", "--routed_ids", "--top_k_docs=0", "--max_rounds=3"])
+  assert holders.interleave() == demo.demo_interleave(3, routed_ids=True)
+  assert holders.selected_documents() is None  # the model's own
+
+
 def test_demo_retrieval_defaults_to_the_official_loop_unless_asked_otherwise():
   """The official free-id loop by default; --router_only, --routed_ids or an explicit
   --routed_choices is taken as given, and contradictory explicit options are the config's clear
