@@ -104,7 +104,7 @@ def test_shipped_model_writes_the_id_of_its_routers_top_document():
   """Generative retrieval (the ids the model writes, exactly the gold set) when each router layer
   selects one document: the model reads an id exactly from one document's pooled chunks, but does
   not pick the question's document among several (BENCHMARKS §18), so the top 4 it trained with
-  write the id exactly far less often."""
+  write the id exactly far less often (these 24 questions: 1.00 at top 1, 0.33 at top 4)."""
   questions = None
   exact = {}
   for k in (1, 4):
