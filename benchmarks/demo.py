@@ -132,8 +132,7 @@ def run_demo(loaded: LoadedModel, settings: DemoSettings, work_dir: str,
   if loaded.tokenizer is None:
     raise ValueError("the demo needs the model's tokenizer")
   if settings.top_k_docs is not None:
-    loaded = dataclasses.replace(loaded, msa_config=loaded.msa_config.replace(
-        top_k_docs=settings.top_k_docs))
+    loaded = loaded.with_top_k_docs(settings.top_k_docs)
   sizes = sorted(set(settings.sizes))
   if not sizes or sizes[0] <= 0:
     raise ValueError(f"memory sizes must be positive, got {settings.sizes}")

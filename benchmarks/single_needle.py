@@ -61,8 +61,7 @@ def run_single_needle(loaded: LoadedModel, settings: NeedleSettings, work_dir: s
   if settings.num_needle <= 0:
     raise ValueError(f"num_needle must be positive, got {settings.num_needle}")
   if settings.top_k_docs is not None:
-    loaded = dataclasses.replace(loaded, msa_config=loaded.msa_config.replace(
-        top_k_docs=settings.top_k_docs))
+    loaded = loaded.with_top_k_docs(settings.top_k_docs)
   tokenizer = loaded.tokenizer
   length = document_length_fn(tokenizer, loaded.msa_config.doc_align_to)
   pool = memory_pool.build_pool(

@@ -39,6 +39,13 @@ class LoadedModel:
   def model(self) -> MSAForCausalLM:
     return MSAForCausalLM(self.model_config, self.msa_config)
 
+  def with_top_k_docs(self, top_k_docs: int) -> "LoadedModel":
+    """This model serving `top_k_docs` documents per router layer (a serving choice, as the
+    official engine's top-k is)."""
+    if isinstance(top_k_docs, bool) or not isinstance(top_k_docs, int) or top_k_docs < 1:
+      raise ValueError(f"top_k_docs must be a positive int, got {top_k_docs!r}")
+    return dataclasses.replace(self, msa_config=self.msa_config.replace(top_k_docs=top_k_docs))
+
   def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
     """Logits [B, S, V] of token ids [B, S] without memory (the Qwen3 backbone); `positions`
     default to 0..S-1, `segment_ids` (1 = token, 0 = padding) to all ones."""
@@ -76,10 +83,6 @@ def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None
   model_cfg = model_cfg.replace(**overrides)
   if score_mode is not None:
     msa_cfg = msa_cfg.replace(score_mode=score_mode)
-  if top_k_docs is not None:
-    if isinstance(top_k_docs, bool) or not isinstance(top_k_docs, int) or top_k_docs < 1:
-      raise ValueError(f"top_k_docs must be a positive int, got {top_k_docs!r}")
-    msa_cfg = msa_cfg.replace(top_k_docs=top_k_docs)
   dtype = jnp.dtype(model_cfg.param_dtype)
   target = None
   if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):
@@ -97,7 +100,8 @@ def load(path: str, *, compute_dtype: str | None = None, param_dtype: str | None
                      out_shardings=shardings)(params)
   tok_path = os.path.join(path, convert.TOKENIZER_FILE)
   tokenizer = Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else None
-  return LoadedModel(model_cfg, msa_cfg, params, tokenizer)
+  loaded = LoadedModel(model_cfg, msa_cfg, params, tokenizer)
+  return loaded if top_k_docs is None else loaded.with_top_k_docs(top_k_docs)
 
 
 def _sharded_target(path: str, shardings, num_layers: int):
